@@ -1,0 +1,23 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+PY := .venv/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-unit demo bench clean
+
+setup:
+	@bash tools/provision.sh
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(OUT),--out "$(OUT)")
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .cache demo_out artifacts

@@ -1,0 +1,175 @@
+"""Safe reading and atomic writing of weight files (no ComfyUI import).
+
+Reading: safetensors, or ``.pt/.ckpt/.bin`` through ``torch.load(weights_only=True)`` only;
+a pickle that needs arbitrary code is refused with a message naming the file.
+Writing: safetensors with string metadata, written to a temporary file in the same folder
+and renamed into place, so a crash or a cancel never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".pt", ".pth", ".ckpt", ".bin")
+# Keys under which training scripts nest their state dicts (Lightning, DES, plain torch.save).
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "module", "model")
+
+
+class WeightFileError(ValueError):
+    """A weight file that cannot be used; the message names the file and the offending keys."""
+
+
+@dataclass
+class WeightFile:
+    path: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    fmt: str = "safetensors"  # or "pickle"
+
+
+def _short(path: str) -> str:
+    return os.path.basename(path) or path
+
+
+def list_keys(keys, limit: int = 8) -> str:
+    """'a, b, c … (+N more)' for error messages."""
+    keys = list(keys)
+    head = ", ".join(str(k) for k in keys[:limit])
+    return head + (f" … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_weight_file(path: str, lazy: bool = False) -> WeightFile:
+    """Read a state dict from ``path`` safely.
+
+    ``lazy=True`` for safetensors returns a dict of shapes (``torch.Size``) instead of tensors,
+    read from the header only.
+    """
+    name = _short(path)
+    if not os.path.isfile(path):
+        raise WeightFileError(f"{name}: file not found ({path})")
+    low = path.lower()
+    if low.endswith(SAFETENSORS_EXT):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                if lazy:
+                    tensors = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+                else:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightFileError(
+                f"{name}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        return WeightFile(path, tensors, meta, "safetensors")
+    if low.endswith(PICKLE_EXT):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightFileError(
+                f"{name}: refused to load. Pickle files are only read with torch.load(weights_only=True) "
+                f"and this one needs more than plain tensors ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                f"Convert it to .safetensors in a trusted environment.") from e
+        tensors = unwrap_state_dict(obj, name)
+        return WeightFile(path, tensors, {}, "pickle")
+    raise WeightFileError(f"{name}: unsupported extension; expected {SAFETENSORS_EXT + PICKLE_EXT}")
+
+
+def unwrap_state_dict(obj, name: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside a torch.save'd object (nested under state_dict, model_state_dict…)."""
+    for _ in range(4):
+        if isinstance(obj, dict):
+            for k in NESTED_STATE_KEYS:
+                if k in obj and isinstance(obj[k], dict):
+                    obj = obj[k]
+                    break
+            else:
+                break
+    if not isinstance(obj, dict):
+        raise WeightFileError(f"{name}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightFileError(f"{name}: holds no tensors (top-level keys: {list_keys(obj.keys())})")
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Raise naming the keys that hold NaN or inf values."""
+    bad = [k for k, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightFileError(f"{name}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (keys, dtypes, shapes, bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str, limit_bytes: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = limit_bytes
+        while True:
+            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+                if left <= 0:
+                    break
+    return h.hexdigest()
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str,
+                            metadata: dict | None = None) -> str:
+    """Save to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    Metadata values that are not strings are JSON-encoded (safetensors stores str→str).
+    """
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    log.info("saved %s (%d tensors)", path, len(clean))
+    return path
+
+
+def sanitize_name(name: str, default: str = "unnamed") -> str:
+    """A file-name stem safe on every OS: letters, digits, '-', '_', '.'; no path parts."""
+    name = os.path.basename(str(name).strip().replace("\\", "/"))
+    for ext in SAFETENSORS_EXT + PICKLE_EXT:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+    out = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in name).strip("._")
+    return out[:120] or default
