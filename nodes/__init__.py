@@ -15,7 +15,7 @@ log = logging.getLogger("safegen")
 
 NODE_PREFIX = "SafeGen_"
 CATEGORY = "SafeGen"
-_MODULES = ("unet_loader",)
+_MODULES = ("unet_loader", "inversion")
 
 
 def _collect() -> list[type[io.ComfyNode]]:

@@ -134,10 +134,12 @@ def apply_unlearned(model, path: str, strength: float):
         plan = U.plan_patches(shapes, base_shapes, dmap, name)
         skipped = 0
         patches = {}
+        # the base's own weights, even while a patched clone (sharing the module) is loaded
+        originals = model.get_key_patches(UNET_PREFIX) if plan.is_full else {}
         for e in plan.entries:
             t = wf.tensors[e.file_key]
-            if plan.is_full and torch.equal(U.fit_to(t, e.shape).to(base_sd[UNET_PREFIX + e.model_key].dtype),
-                                            base_sd[UNET_PREFIX + e.model_key]):
+            orig = originals[UNET_PREFIX + e.model_key][0][0] if plan.is_full else None
+            if orig is not None and torch.equal(U.fit_to(t, e.shape).to(orig.dtype), orig):
                 skipped += 1  # identical to the base: no patch needed
                 continue
             src = _FileTensor(path, e.file_key, None if is_st else t)
@@ -234,6 +236,7 @@ class UnlearnedUNetLoader(io.ComfyNode):
             m, info = load_without_base(path, strength)
         else:
             m, info = apply_unlearned(model, path, strength)
+        m.model_options["safegen_unlearned"] = info["file"]
         text = format_info(info)
         log.info("SafeGen Unlearned UNet Loader: %s", text.replace("\n", "; "))
         return io.NodeOutput(m, text, ui=ui.PreviewText(text))

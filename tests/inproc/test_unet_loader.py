@@ -12,7 +12,6 @@ comfy_ready()
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 
-from safegen_core.weights_io import WeightFileError  # noqa: E402
 from tools import unlearned_files as UF  # noqa: E402
 from tools.tiny_models import ensure  # noqa: E402
 
@@ -32,7 +31,8 @@ def loader():
 
 
 def unet_sd(mp):
-    return {k[len(P):]: v.detach().clone() for k, v in mp.model_state_dict(P).items()}
+    """The patcher's own UNet weights, even while a patched clone sharing the module is loaded."""
+    return {k[len(P):]: v[0][0].detach().clone() for k, v in mp.get_key_patches(P).items()}
 
 
 def predict(mp, seed=0):
@@ -119,25 +119,25 @@ def test_bad_inputs_are_named(base, loader, tmp_path):
     k = next(k for k in sd if k.endswith("attn2.to_k.weight"))
     xl = tmp_path / "sdxl_partial.safetensors"
     UF.write_ldm(xl, {k: torch.zeros(sd[k].shape[0], 2048)}, prefix="")
-    with pytest.raises(WeightFileError, match=r"sdxl_partial.safetensors.*attn2.to_k.*SDXL.*SD1.x"):
+    with pytest.raises(loader.WeightFileError, match=r"sdxl_partial.safetensors.*SDXL.*SD1.x.*attn2.to_k"):
         loader.apply_unlearned(base, str(xl), 1.0)
     nan = tmp_path / "nan.safetensors"
     t = sd[k].clone()
     t[0, 0] = float("nan")
     UF.write_ldm(nan, {k: t}, prefix="")
-    with pytest.raises(WeightFileError, match="nan.safetensors: 1 tensor.*attn2.to_k"):
+    with pytest.raises(loader.WeightFileError, match="nan.safetensors: 1 tensor.*attn2.to_k"):
         loader.apply_unlearned(base, str(nan), 1.0)
     odd = tmp_path / "odd.safetensors"
     UF.write_ldm(odd, {k: sd[k], "input_blocks.99.0.weight": torch.zeros(3)}, prefix="")
-    with pytest.raises(WeightFileError, match="odd.safetensors: 1 key.*input_blocks.99.0.weight"):
+    with pytest.raises(loader.WeightFileError, match="odd.safetensors: 1 key.*input_blocks.99.0.weight"):
         loader.apply_unlearned(base, str(odd), 1.0)
     lo = tmp_path / "lora_bad.safetensors"
     from safetensors.torch import save_file
     save_file({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2),
                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4)}, str(lo))
-    with pytest.raises(WeightFileError, match="lora_bad.safetensors: 2 LoRA key.*down_blocks_7"):
+    with pytest.raises(loader.WeightFileError, match="lora_bad.safetensors: 2 LoRA key.*down_blocks_7"):
         loader.apply_unlearned(base, str(lo), 1.0)
     part = tmp_path / "part.safetensors"
     UF.write_ldm(part, {k: sd[k]}, prefix="")
-    with pytest.raises(WeightFileError, match="part.safetensors: strength 0.5 needs a base MODEL"):
+    with pytest.raises(loader.WeightFileError, match="part.safetensors: strength 0.5 needs a base MODEL"):
         loader.load_without_base(str(part), 0.5)

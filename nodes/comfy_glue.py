@@ -1,0 +1,208 @@
+"""Shared ComfyUI glue: text encoding with in-memory embeddings, trainable forward passes,
+the noise prediction of a MODEL, progress/preview reporting.
+
+Nothing here is method-specific; the science is in ``safegen_core``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+
+log = logging.getLogger("safegen")
+
+# Text that stands for an in-memory embedding in a prompt, resolved by our tokenizer hook.
+MARKER = "safegen_ine_vectors"
+
+
+def encoders_of(clip) -> dict[str, object]:
+    """{'l': SDTokenizer, 'g': …} — the per-encoder tokenizers of a CLIP (SD1: l; SDXL: g and l)."""
+    tok = clip.tokenizer
+    out = {}
+    for key, attr in (("l", "clip_l"), ("g", "clip_g")):
+        t = getattr(tok, attr, None)
+        if t is not None and hasattr(t, "_try_get_embedding"):
+            out[key] = t
+    if not out:
+        raise ValueError(f"unsupported CLIP type {type(tok).__name__}: SafeGen supports SD1.x and SDXL text encoders")
+    return out
+
+
+def embedding_widths(clip) -> dict[str, int]:
+    return {k: int(t.embedding_size) for k, t in encoders_of(clip).items()}
+
+
+@contextlib.contextmanager
+def embedding_in_tokenizer(clip, vectors: dict[str, torch.Tensor]):
+    """While active, ``embedding:safegen_ine_vectors`` in a prompt resolves to ``vectors``.
+
+    ComfyUI's own tokenizer then does the rest (chunking, padding, ``(embedding:x:1.3)``
+    weights), so conditioning equals what stock ``embedding:NAME`` gives for the same vectors.
+    Gradients flow from the conditioning back into ``vectors``.
+    """
+    toks = encoders_of(clip)
+    saved = {}
+    try:
+        for enc, t in toks.items():
+            orig = t._try_get_embedding
+            vec = vectors.get(enc)
+
+            def hook(name, _orig=orig, _vec=vec):
+                first = name.split()[0] if name.split() else name
+                if first.strip(",") == MARKER and _vec is not None:
+                    return _vec, " ".join(name.split()[1:])
+                return _orig(name)
+            saved[enc] = orig
+            t._try_get_embedding = hook
+            if t.embedding_directory is None:
+                t.embedding_directory = folder_paths.get_folder_paths("embeddings")
+        yield f"embedding:{MARKER}"
+    finally:
+        for enc, t in toks.items():
+            if "_try_get_embedding" in t.__dict__:
+                del t._try_get_embedding
+
+
+def prompt_with_embedding(text: str, strength: float = 1.0) -> str:
+    """Place the embedding where ``{}`` is in ``text`` (prepended when there is none)."""
+    ref = f"embedding:{MARKER}" if strength == 1.0 else f"(embedding:{MARKER}:{strength:g})"
+    text = text or "{}"
+    if "{}" not in text:
+        text = "{}, " + text if text.strip() else "{}"
+    return text.replace("{}", f" {ref} ").strip()
+
+
+def encode(clip, text: str, vectors: dict[str, torch.Tensor] | None = None):
+    """[[cond, {"pooled_output": …}]] like CLIPTextEncode; with ``vectors`` resolvable in ``text``."""
+    if vectors is None:
+        tokens = clip.tokenize(text)
+    else:
+        with embedding_in_tokenizer(clip, vectors):
+            tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def encode_for_training(clip, text: str, vectors: dict[str, torch.Tensor]):
+    """(cond, pooled) with autograd from ``vectors`` (inside :func:`trainable`)."""
+    with embedding_in_tokenizer(clip, vectors):
+        tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
+# --------------------------------------------------------------------------- training mode
+def _out_of_place_clip_layer(layer):
+    # comfy.clip_model.CLIPLayer.forward adds in place (x += …), which autograd cannot differentiate.
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor sharing ``t``'s memory (no copy): autograd refuses inference tensors."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+@contextlib.contextmanager
+def trainable(*patchers):
+    """Let autograd run through loaded ComfyUI models (ModelPatchers) inside a prompt.
+
+    Prompts run under ``torch.inference_mode()`` and weights loaded there are inference tensors,
+    which autograd cannot save for backward. After loading (patches applied), each inference
+    parameter/buffer is swapped for a normal tensor that *shares its memory* (no copy, no
+    per-step cost); CLIP layers get an out-of-place forward. Weights stay frozen
+    (``requires_grad=False``). Everything is restored in ``finally``.
+    """
+    swaps, overrides = [], []
+    with torch.inference_mode(False):
+        try:
+            mm.load_models_gpu(list(patchers), force_full_load=True)
+            for p in patchers:
+                for mod in p.model.modules():
+                    for kind in ("_parameters", "_buffers"):
+                        table = mod.__dict__.get(kind, {})
+                        for n, t in list(table.items()):
+                            if t is None or not t.is_inference():
+                                continue
+                            a = _alias(t)
+                            if kind == "_parameters":
+                                a = torch.nn.Parameter(a, requires_grad=False)
+                            table[n] = a
+                            swaps.append((table, n, t, a))
+                    if type(mod).__name__ == "CLIPLayer":
+                        mod.forward = _out_of_place_clip_layer(mod)
+                        overrides.append(mod)
+            yield
+        finally:
+            for mod in overrides:
+                mod.__dict__.pop("forward", None)
+            for table, n, orig, a in swaps:
+                if table.get(n) is a:  # ComfyUI may have re-patched meanwhile: keep its tensor then
+                    table[n] = orig
+
+
+def model_sigmas(model) -> torch.Tensor:
+    """k-diffusion σ of each training timestep of the model (ascending)."""
+    return model.get_model_object("model_sampling").sigmas.detach().float().cpu()
+
+
+def predict_eps(model, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                pooled: torch.Tensor | None, width: int, height: int) -> torch.Tensor:
+    """ε prediction of the MODEL at noisy x = x0 + σ·ε (k-diffusion convention).
+
+    Uses ``BaseModel.apply_model`` so input scaling, timestep mapping, model type (ε/v) and the
+    SDXL size/pooled ``y`` conditioning are ComfyUI's own.
+    """
+    bm = model.model
+    b = x.shape[0]
+    ctx = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond
+    kwargs = {}
+    if bm.adm_channels:  # SDXL-style models take a pooled + size vector
+        pooled_b = pooled.expand(b, -1) if pooled.shape[0] == 1 else pooled
+        kwargs["y"] = bm.encode_adm(pooled_output=pooled_b, width=width * 8, height=height * 8,
+                                    target_width=width * 8, target_height=height * 8,
+                                    prompt_type="positive").to(x)
+    den = bm.apply_model(x, sigma.to(x), c_crossattn=ctx, **kwargs)
+    return (x - den) / sigma.to(x).view(-1, *([1] * (x.ndim - 1)))
+
+
+def sample_preview(model, vae, positive, negative, seed: int, steps: int = 8, cfg: float = 5.0,
+                   width: int = 512, height: int = 512):
+    """One image with ComfyUI's sampler (euler/normal), decoded: [1,H,W,3] float in 0..1."""
+    latent = torch.zeros([1, 4, height // 8, width // 8])
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                              seed=seed, disable_pbar=True)
+    return vae.decode(out)
+
+
+def image_to_pil(img: torch.Tensor):
+    from PIL import Image
+    arr = (img[0].detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+class Progress:
+    """ProgressBar with the loss in the node's text and an optional preview image."""
+
+    def __init__(self, total: int, node_id=None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.total = total
+        self.preview = None
+
+    def step(self, step: int, loss: float | None = None):
+        mm.throw_exception_if_processing_interrupted()
+        prev = ("JPEG", self.preview, 512) if self.preview is not None else None
+        self.bar.update_absolute(step, self.total, prev)
+        self.preview = None
