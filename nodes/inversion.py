@@ -92,6 +92,63 @@ def init_token_vectors(clip, text: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text="person", template="{}",
+           steps=500, learning_rate=5e-3, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5,
+           negative_text="", checkpoint_every=0, keep_checkpoints=2, preview_every=0, resume=False, vae=None,
+           init_vectors=None):
+    """Run concept inversion on ``latents`` (model space, [B,4,h,w]); returns (TrainResult, fingerprint)."""
+    widths = G.embedding_widths(clip)
+    cfg = TrainConfig(steps=steps, lr=learning_rate, seed=seed, optimizer="adamw",
+                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                      preview_every=preview_every)
+    fingerprint = {"model": model_fingerprint(model), "num_vectors": num_vectors, "init_text": init_text,
+                   "template": template, "batch_size": batch_size, "objective": objective,
+                   "images": int(latents.shape[0]),
+                   "guidance_scale": guidance_scale if objective == "guided" else None,
+                   "negative_text": negative_text if objective == "guided" else None}
+    with torch.inference_mode(False):
+        if init_vectors is None:
+            init = init_token_vectors(clip, init_text)
+            params = {enc: INV.init_vectors(init[enc], num_vectors) for enc in widths}
+        else:
+            params = {enc: init_vectors[enc].detach().clone().float() for enc in widths}
+        latents = latents.detach().clone()
+        text = G.prompt_with_embedding(template)
+        h, w = latents.shape[-2:]
+        sigmas = G.model_sigmas(model)
+        progress = G.Progress(steps)
+        with G.trainable(model, clip.patcher):
+            neg_cond = neg_pooled = None
+            if objective == "guided":
+                with torch.no_grad():
+                    neg_cond, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative_text), return_pooled=True)
+
+            def loss_fn(step, g):
+                x, sigma, eps, _ = INV.sample_batch(latents, sigmas, batch_size, g)
+                cond, pooled = G.encode_for_training(clip, text, params)
+                e_c = G.predict_eps(model, x, sigma, cond, pooled, w, h)
+                e_n = None
+                if objective == "guided":
+                    with torch.no_grad():
+                        e_n = G.predict_eps(model, x, sigma, neg_cond, neg_pooled, w, h)
+                return INV.inversion_loss(objective, eps, e_c, e_n, guidance_scale)
+
+            def on_preview(step):
+                with torch.no_grad():
+                    pos = G.encode(clip, text, {k: v.detach() for k, v in params.items()})
+                    neg = G.encode(clip, "")
+                    img = G.sample_preview(model, vae, pos, neg, seed, steps=8, width=w * 8, height=h * 8)
+                progress.preview = G.image_to_pil(img)
+
+            result = train(params, loss_fn, cfg,
+                           TrainCallbacks(on_step=lambda s, n, l: progress.step(s, l),
+                                          check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                          on_preview=on_preview if (preview_every > 0 and vae is not None) else None),
+                           ckpt_dir=checkpoint_dir("inversion", name) if (checkpoint_every or resume) else None,
+                           resume=resume, fingerprint=fingerprint)
+    return result, fingerprint
+
+
 class ConceptInversionTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -163,53 +220,16 @@ class ConceptInversionTrainer(io.ComfyNode):
             if not image_folder:
                 raise ValueError("Concept Inversion Trainer needs images: connect an IMAGE batch or set image_folder")
             images = load_folder_images(image_folder, resolution)
-        widths = G.embedding_widths(clip)
-        cfg = TrainConfig(steps=steps, lr=learning_rate, seed=seed, optimizer="adamw",
-                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                          preview_every=preview_every)
-        fp_model = model_fingerprint(model)
-        unlearned = (model.model_options.get("safegen_unlearned") or "")
-        fingerprint = {"model": fp_model, "num_vectors": num_vectors, "init_text": init_text, "template": template,
-                       "batch_size": batch_size, "objective": objective, "images": int(images.shape[0]),
-                       "guidance_scale": guidance_scale if objective == "guided" else None,
-                       "negative_text": negative_text if objective == "guided" else None}
         with torch.inference_mode(False):
-            init = init_token_vectors(clip, init_text)
-            params = {enc: INV.init_vectors(init[enc], num_vectors) for enc in widths}
-            text = G.prompt_with_embedding(template)
             latents = model.model.process_latent_in(vae.encode(images[:, :, :, :3]).float()).detach().clone()
-            h, w = latents.shape[-2:]
-            sigmas = G.model_sigmas(model)
-            neg_cond = neg_pooled = None
-            progress = G.Progress(steps)
-
-            with G.trainable(model, clip.patcher):
-                if objective == "guided":
-                    with torch.no_grad():
-                        neg_cond, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative_text), return_pooled=True)
-
-                def loss_fn(step, g):
-                    x, sigma, eps, _ = INV.sample_batch(latents, sigmas, batch_size, g)
-                    cond, pooled = G.encode_for_training(clip, text, params)
-                    e_c = G.predict_eps(model, x, sigma, cond, pooled, w, h)
-                    e_n = None
-                    if objective == "guided":
-                        with torch.no_grad():
-                            e_n = G.predict_eps(model, x, sigma, neg_cond, neg_pooled, w, h)
-                    return INV.inversion_loss(objective, eps, e_c, e_n, guidance_scale)
-
-                def on_preview(step):
-                    with torch.no_grad():
-                        pos = G.encode(clip, text, {k: v.detach() for k, v in params.items()})
-                        neg = G.encode(clip, "")
-                        img = G.sample_preview(model, vae, pos, neg, seed, steps=8, width=w * 8, height=h * 8)
-                    progress.preview = G.image_to_pil(img)
-
-                result = train(params, loss_fn, cfg,
-                               TrainCallbacks(on_step=lambda s, n, l: progress.step(s, l),
-                                              check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                              on_preview=on_preview if preview_every > 0 else None),
-                               ckpt_dir=checkpoint_dir("inversion", name), resume=resume, fingerprint=fingerprint)
+        result, fingerprint = invert(model, clip, latents, name=name, num_vectors=num_vectors, init_text=init_text,
+                                     template=template, steps=steps, learning_rate=learning_rate,
+                                     batch_size=batch_size, seed=seed, objective=objective,
+                                     guidance_scale=guidance_scale, negative_text=negative_text,
+                                     checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                                     preview_every=preview_every, resume=resume, vae=vae)
+        fp_model = fingerprint["model"]
+        unlearned = model.model_options.get("safegen_unlearned") or ""
         vectors = result.params
         final = result.losses[-1] if result.losses else float("nan")
         meta = {"safegen_kind": "implicit_negative_embedding", "base_model_hash": fp_model,

@@ -1,0 +1,284 @@
+"""SLD guidance (safegen_core.sld) against diffusers' StableDiffusionPipelineSafe.
+
+The pipeline is built offline from tiny random components; its UNet is replaced by a function
+that records its inputs and returns predetermined random predictions, and ``scheduler.step`` is
+wrapped to capture the noise prediction the pipeline actually feeds it.  The same (uncond, cond,
+safety) sequence is then replayed through ``sld_guidance`` with a fresh ``SLDState``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from safegen_core.sld import (
+    DEFAULT_SAFETY_CONCEPT,
+    SLD_PRESETS,
+    SLDParams,
+    SLDState,
+    sigma_to_step_index,
+    sld_cfg_from_denoised,
+    sld_guidance,
+    sld_safety_term,
+)
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / ".comfyui" / "comfy" / "sd1_tokenizer"
+STEPS = 20
+CFG = 7.5
+LATENT = (4, 8, 8)
+MAX_DIFF: dict = {}
+
+
+@pytest.fixture(scope="module")
+def safe_pipe():
+    pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"no tokenizer at {TOKENIZER_DIR}")
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        layers_per_block=1, mid_block_type=None, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=32, sample_size=8,
+    )
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    )).eval()
+    # ComfyUI's tokenizer_config says model_max_length 8192 (ComfyUI chunks itself); SD1 uses 77.
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipelineSafe(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_concept == DEFAULT_SAFETY_CONCEPT
+    return pipe
+
+
+def _make_predictions(batch: int, steps: int, seed: int):
+    """Per step: (uncond, cond, safety), each (batch, *LATENT), with |cond - safety| spread over
+    several orders of magnitude so the clamp (|d| * sS < 1 and >= 1) and the threshold both act."""
+    g = torch.Generator().manual_seed(seed)
+    seq = []
+    for _ in range(steps):
+        u = torch.randn((batch, *LATENT), generator=g)
+        c = u + 0.5 * torch.randn((batch, *LATENT), generator=g)
+        mag = 10.0 ** (-4.0 * torch.rand((batch, *LATENT), generator=g))
+        s = c + torch.randn((batch, *LATENT), generator=g) * mag
+        seq.append((u, c, s))
+    return seq
+
+
+def _run_pipeline(pipe, prompts, preds, params: SLDParams, cfg=CFG):
+    """Run the diffusers pipeline with a fake UNet; return (captured noise_pred per step, UNet calls)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    calls = []
+    batch = len(prompts)
+
+    def fake_forward(sample, timestep, encoder_hidden_states=None, **kwargs):
+        i = len(calls)
+        calls.append({"sample": sample.clone(), "t": timestep, "ehs": encoder_hidden_states.clone()})
+        u, c, s = preds[i]
+        n = sample.shape[0] // batch
+        out = torch.cat([u, c, s][:n])
+        return UNet2DConditionOutput(sample=out.to(sample.dtype))
+
+    captured = []
+    orig_step = pipe.scheduler.step
+
+    def step_wrapper(model_output, timestep, sample, *args, **kwargs):
+        captured.append(model_output.detach().clone())
+        return orig_step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.unet.forward = fake_forward
+    pipe.scheduler.step = step_wrapper
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe(
+                prompt=prompts, height=8, width=8, num_inference_steps=STEPS, guidance_scale=cfg,
+                generator=torch.Generator().manual_seed(1), output_type="np", **params.to_diffusers_kwargs(),
+            )
+    finally:
+        del pipe.unet.forward
+        del pipe.scheduler.step
+    return captured, calls
+
+
+def _replay(preds, params, cfg=CFG):
+    state = SLDState()
+    return [sld_guidance(u, c, s, i, params, state, cfg) for i, (u, c, s) in enumerate(preds)]
+
+
+@pytest.mark.parametrize("preset", ["weak", "medium", "strong", "max"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_matches_diffusers_pipeline(safe_pipe, preset, batch):
+    params = SLD_PRESETS[preset]
+    prompts = ["a photo of a cat", "a painting of a house"][:batch]
+    preds = _make_predictions(batch, STEPS, seed=100 + 7 * batch + len(preset))
+    captured, calls = _run_pipeline(safe_pipe, prompts, preds, params)
+    assert len(captured) == STEPS and len(calls) == STEPS
+    # three conditions per image were evaluated: uncond, prompt, safety concept
+    assert calls[0]["sample"].shape[0] == 3 * batch
+    assert calls[0]["ehs"].shape[0] == 3 * batch
+    assert not torch.equal(calls[0]["ehs"][batch], calls[0]["ehs"][2 * batch])
+    ours = _replay(preds, params)
+    diffs = [float((a - b).abs().max()) for a, b in zip(ours, captured)]
+    MAX_DIFF[(preset, batch)] = max(diffs)
+    assert max(diffs) <= 1e-5, (preset, batch, diffs)
+    # the safety term really acted after warm-up (otherwise the comparison proves little)
+    plain = [u + CFG * (c - u) for (u, c, _) in preds]
+    last = STEPS - 1
+    assert float((captured[last] - plain[last]).abs().max()) > 1e-3
+    if params.warmup_steps > 0:
+        assert torch.equal(captured[0], plain[0]) or float((captured[0] - plain[0]).abs().max()) <= 1e-6
+
+
+def test_batch_images_have_independent_momentum():
+    params = SLD_PRESETS["strong"]
+    preds = _make_predictions(2, 12, seed=5)
+    together = _replay(preds, params)
+    for k in range(2):
+        alone = _replay([(u[k:k + 1], c[k:k + 1], s[k:k + 1]) for (u, c, s) in preds], params)
+        for a, b in zip(alone, together):
+            assert torch.equal(a[0], b[k])
+
+
+def test_disabled_guidance_with_pipeline_is_plain_cfg(safe_pipe):
+    """sld_guidance_scale <= 1: diffusers runs two conditions only, plain CFG; so do we."""
+    params = SLDParams(warmup_steps=0, guidance_scale=0.0, threshold=0.01, momentum_scale=0.3,
+                       momentum_beta=0.4)
+    preds = _make_predictions(1, STEPS, seed=9)
+    captured, calls = _run_pipeline(safe_pipe, ["a cat"], preds, params)
+    assert calls[0]["sample"].shape[0] == 2
+    ours = _replay(preds, params)
+    for a, b in zip(ours, captured):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["warmup_past_end", "scale_zero", "scale_one"])
+def test_plain_cfg_exactly(case):
+    preds = _make_predictions(2, 10, seed=3)
+    b = SLD_PRESETS["max"]
+    params = {
+        "warmup_past_end": SLDParams(10, b.guidance_scale, b.threshold, b.momentum_scale, b.momentum_beta),
+        "scale_zero": SLDParams(0, 0.0, b.threshold, b.momentum_scale, b.momentum_beta),
+        "scale_one": SLDParams(0, 1.0, b.threshold, b.momentum_scale, b.momentum_beta),
+    }[case]
+    state = SLDState()
+    for i, (u, c, s) in enumerate(preds):
+        out = sld_guidance(u, c, s, i, params, state, CFG)
+        assert torch.equal(out, u + CFG * (c - u))
+    if case == "warmup_past_end":
+        assert state.momentum is not None and float(state.momentum.abs().max()) > 0  # built during warm-up
+    else:
+        assert state.momentum is None
+
+
+def test_cfg_not_above_one_returns_cond():
+    u, c, s = _make_predictions(1, 1, seed=4)[0]
+    assert torch.equal(sld_guidance(u, c, s, 5, SLD_PRESETS["max"], SLDState(), 1.0), c)
+
+
+def test_safety_term_consistent_with_guidance():
+    params = SLD_PRESETS["medium"]
+    preds = _make_predictions(2, 15, seed=11)
+    st_a, st_b = SLDState(), SLDState()
+    for i, (u, c, s) in enumerate(preds):
+        term = sld_safety_term(u, c, s, i, params, st_a)
+        full = sld_guidance(u, c, s, i, params, st_b, CFG)
+        assert torch.equal(full, u + CFG * ((c - u) - term)) or i < params.warmup_steps
+        if i < params.warmup_steps:
+            assert torch.equal(term, torch.zeros_like(term))
+            assert torch.equal(full, u + CFG * (c - u))
+        assert torch.equal(st_a.momentum, st_b.momentum)
+
+
+@pytest.mark.parametrize("per_sample_sigma", [False, True])
+def test_kdiffusion_wrapper_matches_eps_version(per_sample_sigma):
+    params = SLD_PRESETS["strong"]
+    preds = [tuple(t.double() for t in p) for p in _make_predictions(2, 10, seed=21)]
+    sigmas = torch.linspace(14.6, 0.03, 10, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    st_eps, st_x0 = SLDState(), SLDState()
+    worst = 0.0
+    for i, (u, c, s) in enumerate(preds):
+        sig = sigmas[i]
+        sig_arg = sig.repeat(2) if per_sample_sigma else float(sig)
+        x = torch.randn(u.shape, generator=g, dtype=torch.float64) * float(sig)
+        d_u, d_c, d_s = x - sig * u, x - sig * c, x - sig * s
+        out = sld_cfg_from_denoised(x, d_u, d_c, d_s, sig_arg, i, params, st_x0, CFG)
+        ref = x - sig * sld_guidance(u, c, s, i, params, st_eps, CFG)
+        worst = max(worst, float((out - ref).abs().max()))
+    MAX_DIFF[("kdiff", per_sample_sigma)] = worst
+    assert worst <= 1e-8
+    assert torch.allclose(st_x0.momentum, st_eps.momentum, atol=1e-10)
+
+
+def test_kdiffusion_wrapper_float32_and_distinct_sigmas():
+    """Per-sample sigmas that differ: each image converted with its own sigma."""
+    params = SLD_PRESETS["medium"]
+    u, c, s = _make_predictions(2, 1, seed=8)[0]
+    sig = torch.tensor([2.0, 0.5])
+    x = torch.randn(u.shape, generator=torch.Generator().manual_seed(1))
+    sb = sig.view(2, 1, 1, 1)
+    out = sld_cfg_from_denoised(x, x - sb * u, x - sb * c, x - sb * s, sig, 12, params, SLDState(), CFG)
+    eps_u, eps_c, eps_s = ((x - (x - sb * t)) / sb for t in (u, c, s))
+    ref = x - sb * sld_guidance(eps_u, eps_c, eps_s, 12, params, SLDState(), CFG)
+    assert float((out - ref).abs().max()) <= 1e-5
+
+
+def test_sigma_zero_falls_back_to_plain_cfg():
+    u, c, s = _make_predictions(1, 1, seed=1)[0]
+    x = torch.randn_like(u)
+    out = sld_cfg_from_denoised(x, u, c, s, 0.0, 3, SLD_PRESETS["max"], SLDState(), CFG)
+    assert torch.allclose(out, u + (c - u) * CFG)
+
+
+def test_sigma_to_step_index():
+    sigmas = torch.tensor([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])
+    assert [sigma_to_step_index(float(v), sigmas) for v in sigmas[:-1]] == [0, 1, 2, 3, 4]
+    assert sigma_to_step_index(torch.tensor([3.0, 3.0]), sigmas) == 2
+    assert sigma_to_step_index(6.9, sigmas.tolist()) == 1
+    assert sigma_to_step_index(100.0, sigmas) == 0
+
+
+def test_presets_values():
+    assert SLD_PRESETS["weak"] == SLDParams(15, 20, 0.0, 0.0, 0.0)
+    assert SLD_PRESETS["medium"] == SLDParams(10, 1000, 0.01, 0.3, 0.4)
+    assert SLD_PRESETS["strong"] == SLDParams(7, 2000, 0.025, 0.5, 0.7)
+    assert SLD_PRESETS["max"] == SLDParams(0, 5000, 1.0, 0.5, 0.7)
+    try:
+        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+    except Exception:  # pragma: no cover
+        return
+    for name, cfg in {"weak": SafetyConfig.WEAK, "medium": SafetyConfig.MEDIUM, "strong": SafetyConfig.STRONG,
+                      "max": SafetyConfig.MAX}.items():
+        assert SLD_PRESETS[name].to_diffusers_kwargs() == cfg
+
+
+def test_report_max_diffs(capsys):
+    # Runs last in file order; prints the measured maxima for the report (-s or -rA shows them).
+    if MAX_DIFF:
+        with capsys.disabled():
+            print("\nSLD max |ours - reference|:", {str(k): f"{v:.3g}" for k, v in MAX_DIFF.items()})
