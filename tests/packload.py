@@ -8,29 +8,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("SAFEGEN_COMFYUI", REPO / ".comfyui"))
 PACK_NAME = "safegen_pack"
 
 
 def comfy_ready() -> None:
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    try:
-        import torchvision  # noqa: F401
-        import torchvision.ops  # noqa: F401
-    except Exception:
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[k]
-        stub = str(REPO / "tools" / "torchvision_stub")
-        if stub not in sys.path:
-            sys.path.insert(0, stub)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    """ComfyUI importable, CPU mode, torchvision placeholder only if needed (one implementation:
+    tools.tiny_models.setup_comfy_import)."""
+    from tools.tiny_models import setup_comfy_import
+    setup_comfy_import()
     import comfy.model_management  # noqa: F401
 
 

@@ -79,7 +79,9 @@ class _Placeholder(metaclass=_PlaceholderMeta):
         # A subclass defined by user code keeps a readable name for error messages.
         super().__init_subclass__(**kwargs)
         if "__tv_qualname__" not in cls.__dict__:
-            cls.__tv_qualname__ = f"{cls.__module__}.{cls.__qualname__} (subclass of a torchvision placeholder)"
+            cls.__tv_qualname__ = (
+                f"{cls.__module__}.{cls.__qualname__} (subclass of a torchvision placeholder)"
+            )
 
 
 _cache: dict[str, type] = {}
