@@ -14,7 +14,7 @@ test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) tools/demo.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(OUT),--out "$(OUT)")
+	$(PY) tools/demo.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(UNLEARNED),--unlearned "$(UNLEARNED)") $(if $(OUT),--out "$(OUT)")
 
 bench: setup
 	$(PY) benchmarks/run_all.py
