@@ -123,7 +123,7 @@ def trainable(*patchers):
     per-step cost); CLIP layers get an out-of-place forward. Weights stay frozen
     (``requires_grad=False``). Everything is restored in ``finally``.
     """
-    swaps, overrides = [], []
+    swaps, overrides, frozen = [], [], []
     with torch.inference_mode(False):
         try:
             mm.load_models_gpu(list(patchers), force_full_load=True)
@@ -132,7 +132,12 @@ def trainable(*patchers):
                     for kind in ("_parameters", "_buffers"):
                         table = mod.__dict__.get(kind, {})
                         for n, t in list(table.items()):
-                            if t is None or not t.is_inference():
+                            if t is None:
+                                continue
+                            if not t.is_inference():
+                                if kind == "_parameters" and t.requires_grad:
+                                    frozen.append(t)  # never train the model's own weights
+                                    t.requires_grad_(False)
                                 continue
                             a = _alias(t)
                             if kind == "_parameters":
@@ -149,6 +154,8 @@ def trainable(*patchers):
             for table, n, orig, a in swaps:
                 if table.get(n) is a:  # ComfyUI may have re-patched meanwhile: keep its tensor then
                     table[n] = orig
+            for t in frozen:
+                t.requires_grad_(True)
 
 
 def model_sigmas(model) -> torch.Tensor:

@@ -220,8 +220,9 @@ class ConceptInversionTrainer(io.ComfyNode):
             if not image_folder:
                 raise ValueError("Concept Inversion Trainer needs images: connect an IMAGE batch or set image_folder")
             images = load_folder_images(image_folder, resolution)
+        latents = model.model.process_latent_in(vae.encode(images[:, :, :, :3]).float())
         with torch.inference_mode(False):
-            latents = model.model.process_latent_in(vae.encode(images[:, :, :, :3]).float()).detach().clone()
+            latents = latents.clone()  # a normal tensor (prompts run in inference mode)
         result, fingerprint = invert(model, clip, latents, name=name, num_vectors=num_vectors, init_text=init_text,
                                      template=template, steps=steps, learning_rate=learning_rate,
                                      batch_size=batch_size, seed=seed, objective=objective,
