@@ -64,8 +64,9 @@ class UnlearnedWeight(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        # ``weight`` is ComfyUI's own float32 temporary copy: blend into it in place (no extra copy).
         target = U.fit_to(self.source.get(), self.shape).to(weight.device, weight.dtype)
-        return U.blend(weight, target, strength)
+        return U.blend_(weight, target, strength)
 
 
 def _lora_key_map(model) -> dict[str, str]:

@@ -201,6 +201,15 @@ def fit_to(t: torch.Tensor, shape: tuple) -> torch.Tensor:
     return t if tuple(t.shape) == tuple(shape) else t.reshape(shape)
 
 
+def blend_(base: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
+    """In-place :func:`blend` into ``base`` (same results, bitwise)."""
+    if strength == 1.0:
+        return base.copy_(target)
+    if strength == 0.0:
+        return base
+    return base.lerp_(target.to(base.dtype), float(strength))
+
+
 def blend(base: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
     """base + strength·(target − base): strength 0 → base exactly, 1 → target exactly."""
     if strength == 1.0:

@@ -76,6 +76,8 @@ def test_blend_exact_endpoints():
     assert torch.equal(U.blend(a, b, 0.0), a)
     assert torch.equal(U.blend(a, b, 1.0), b)
     assert torch.allclose(U.blend(a, b, 0.25), a + 0.25 * (b - a), atol=1e-6)
+    for s in (0.0, 0.25, 1.0):  # the in-place form used by the patch is bitwise the same
+        assert torch.equal(U.blend_(a.clone(), b, s), U.blend(a, b, s))
 
 
 def test_atomic_save_roundtrip_and_no_partial_file(tmp_path, monkeypatch):
