@@ -152,6 +152,17 @@ def _convert_safety(safety) -> list[dict]:
     return comfy.sampler_helpers.convert_cond(safety)
 
 
+def _safety_for_run(safety_conds: list[dict], negative: Optional[list]) -> list[dict]:
+    """Fresh copies of the safety conds; a ControlNet on the negative is applied to them too, so the
+    safety prediction sees the same control as the unconditional one (and batches with it)."""
+    out = [c.copy() for c in safety_conds]
+    ctrl = next((c["control"] for c in (negative or []) if c.get("control") is not None), None)
+    if ctrl is not None:
+        for c in out:
+            c.setdefault("control", ctrl)
+    return out
+
+
 def patch_model_sld(model, safety, params: SLDParams):
     """Clone ``model`` and install SLD (see module docstring). Returns the clone."""
     m = model.clone()
@@ -167,7 +178,7 @@ def patch_model_sld(model, safety, params: SLDParams):
         run.cfg = getattr(guider, "cfg", None)
         conds = getattr(guider, "conds", None)
         if isinstance(conds, dict):
-            conds[SAFETY_COND_KEY] = [c.copy() for c in safety_conds]
+            conds[SAFETY_COND_KEY] = _safety_for_run(safety_conds, conds.get("negative"))
         try:
             return executor(*args, **kwargs)
         finally:
@@ -184,7 +195,8 @@ def patch_model_sld(model, safety, params: SLDParams):
             conds = [c.copy() for c in safety_conds]
             comfy.samplers.calculate_start_end_timesteps(model_base, conds)
             fallback.clear()
-            fallback[key] = comfy.samplers.encode_model_conds(model_base.extra_conds, conds, x, x.device, "negative")
+            fallback[key] = comfy.samplers.encode_model_conds(model_base.extra_conds, conds, x, x.device,
+                                                              "negative")
         return fallback[key]
 
     def calc_cond_batch(args):
@@ -217,7 +229,8 @@ def patch_model_sld(model, safety, params: SLDParams):
         return run.apply(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"],
                          safety_d, denoised, args["cond_scale"], step)
 
-    calc_cond_batch.safegen_run = run  # function attributes survive ModelPatcher.clone (deepcopy keeps functions)
+    # function attributes survive ModelPatcher.clone (deepcopy keeps function objects)
+    calc_cond_batch.safegen_run = run
     post_cfg.safegen_run = run
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     m.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
@@ -244,6 +257,9 @@ class Guider_SLD(comfy.samplers.CFGGuider):
 
     def sample(self, *args, **kwargs):
         self.run.new_run()
+        if "safety" in self.original_conds:
+            self.original_conds["safety"] = _safety_for_run(self.original_conds["safety"],
+                                                            self.original_conds.get("negative"))
         return super().sample(*args, **kwargs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -335,7 +351,8 @@ class SLDGuider(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to sample with (SD1.x or SDXL)."),
                 io.Conditioning.Input("positive", tooltip="The prompt."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (CFG's unconditional)."),
-                io.Conditioning.Input("safety", tooltip="Safety concept C_S (text or implicit negative embedding)."),
+                io.Conditioning.Input("safety",
+                                      tooltip="Safety concept C_S (text or implicit negative embedding)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale; SLD is active only when cfg > 1."),
                 *_sld_inputs(),
@@ -401,50 +418,47 @@ def _encode_chunks(clip, enc: str, chunks: list) -> torch.Tensor:
     return out.reshape(len(chunks), -1, out.shape[-1]).float()
 
 
+_POOLED_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_POOLED_CACHE_SIZE = 1024  # vectors per text-encoder module (a few MB)
+
+
+def _token_key(tok) -> object:
+    if isinstance(tok, torch.Tensor):
+        t = tok.detach().float().cpu().contiguous()
+        return ("emb", tuple(t.shape), hashlib.sha1(t.numpy().tobytes()).hexdigest())
+    return tok
+
+
 def _pooled(clip, enc: str, chunks: list) -> torch.Tensor:
     """EOS hidden states (n, width) of the chunks — the reference's ``pooler_output`` for SD1
-    (last layer, final layer norm), and the same position in the conditioning layer otherwise."""
+    (last layer, final layer norm), and the same position in the conditioning layer otherwise.
+
+    Cached per text-encoder module, weight patches, clip layer and token sequence (concept
+    phrases and masked prompts recur across prompts and nodes); only new chunks are encoded.
+    """
     tok = G.encoders_of(clip)[enc]
-    h = _encode_chunks(clip, enc, chunks)
-    idx = torch.tensor([_eos_index(c, tok) for c in chunks])
-    return h[torch.arange(len(chunks)), idx]
-
-
-_CONCEPT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CONCEPT_CACHE_PER_MODEL = 4
-
-
-def _embedding_key(emb: dict) -> tuple:
-    h = hashlib.sha1()
-    for k in sorted(emb["vectors"]):
-        v = emb["vectors"][k].detach().float().cpu().contiguous()
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.numpy().tobytes())
-    return (emb.get("name", ""), h.hexdigest())
+    base = (getattr(clip.patcher, "patches_uuid", None), clip.layer_idx, enc)
+    keys = [base + tuple(_token_key(t[0]) for t in c) for c in chunks]
+    try:
+        cache = _POOLED_CACHE.setdefault(clip.cond_stage_model, {})
+    except TypeError:  # not weak-referenceable: no caching
+        cache = {}
+    found = {i: cache[k] for i, k in enumerate(keys) if k in cache}
+    todo = [i for i in range(len(chunks)) if i not in found]
+    if todo:
+        h = _encode_chunks(clip, enc, [chunks[i] for i in todo])
+        idx = torch.tensor([_eos_index(chunks[i], tok) for i in todo])
+        vecs = h[torch.arange(len(todo)), idx]
+        for j, i in enumerate(todo):
+            found[i] = cache[keys[i]] = vecs[j].clone()
+        while len(cache) > _POOLED_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+    return torch.stack([found[i] for i in range(len(chunks))])
 
 
 def concept_vectors(clip, concepts: list[str], embeddings: list[dict]) -> dict[str, torch.Tensor]:
     """Per encoder: pooled outputs of each concept phrase (encoded separately) and of each
-    implicit negative embedding (its vectors alone, between start and end token).
-
-    Cached per text-encoder module, weight patches, clip layer, concepts and embeddings (the
-    phrases cost one text-encoder pass each; they do not depend on the prompt).
-    """
-    key = (getattr(clip.patcher, "patches_uuid", None), clip.layer_idx, tuple(concepts),
-           tuple(_embedding_key(e) for e in embeddings))
-    try:
-        per_model = _CONCEPT_CACHE.setdefault(clip.cond_stage_model, {})
-    except TypeError:  # not weak-referenceable
-        per_model = {}
-    if key in per_model:
-        return per_model[key]
-    out = _concept_vectors(clip, concepts, embeddings)
-    while len(per_model) >= _CONCEPT_CACHE_PER_MODEL:
-        per_model.pop(next(iter(per_model)))
-    per_model[key] = out
-    return out
-
-
-def _concept_vectors(clip, concepts: list[str], embeddings: list[dict]) -> dict[str, torch.Tensor]:
+    implicit negative embedding (its vectors alone, between start and end token)."""
     encs = G.encoders_of(clip)
     widths = G.embedding_widths(clip)
     chunks = {e: [] for e in encs}
@@ -491,7 +505,7 @@ def safree_filter(clip, text: str, concepts: list[str], embeddings: list[dict] |
 
     width = sum(w for _, _, w in layout)
     n_chunks = len(toks[layout[0][0]])
-    plans = []  # (enc, chunk, positions, filtered? ...)
+    plans = []  # (enc, offset, width, chunk index, token positions, flags, input space, eos index)
     report = []
     svf_k = -1
     flagged_total = 0
@@ -542,8 +556,8 @@ def safree_filter(clip, text: str, concepts: list[str], embeddings: list[dict] |
         return out_orig, "\n".join(report), info
     if not self_validating or svf_k + 1 >= steps:
         if self_validating:
-            report.append(f"self-validating filter: beta max {max(betas):.4f} → filtered for steps 0..{svf_k} "
-                          f"(all {steps} steps)")
+            report.append(f"self-validating filter: beta max {max(betas):.4f} → filtered for steps "
+                          f"0..{svf_k} (all {steps} steps)")
         else:
             report.append("self-validating filter off: filtered conditioning for every step")
         return out_filt, "\n".join(report), info
@@ -600,7 +614,8 @@ class SAFREEPromptFilter(io.ComfyNode):
                 "tokens that point towards the toxic-concept subspace onto its orthogonal complement. "
                 "The self-validating filter keeps the projected conditioning only for the first steps "
                 "(start/end percent), the original after. SD1.x (CLIP-L) and SDXL (CLIP-L and CLIP-G, "
-                "each with its own subspace). Use the concept list as the negative prompt as the reference does."),
+                "each with its own subspace). Use the concept list as the negative prompt as the reference "
+                "does."),
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIP of the model (SD1.x or SDXL)."),
                 io.String.Input("text", default="", multiline=True, tooltip="The prompt."),
@@ -609,12 +624,15 @@ class SAFREEPromptFilter(io.ComfyNode):
                                         "output spans the toxic subspace). Default: SAFREE's nudity list."),
                 io.Float.Input("alpha", default=SF.DEFAULT_ALPHA, min=0.0, max=10.0, step=0.001, round=0.0001,
                                tooltip="sf_alpha: a token is flagged when masking it moves the prompt "
-                                       "(1 + alpha)× farther from the subspace than the others do on average."),
+                                       "(1 + alpha)× farther from the subspace than the others do on "
+                                       "average."),
                 io.Boolean.Input("self_validating_filter", default=True,
-                                 tooltip="On: projected conditioning for the first f_beta(beta, up_t)+1 steps "
+                                 tooltip="On: projected conditioning for the first f_beta(beta, up_t)+1 "
+                                         "steps "
                                          "only. Off: projected conditioning for every step."),
                 io.Int.Input("up_t", default=SF.DEFAULT_UP_T, min=0, max=1000,
-                             tooltip="Upper bound of the self-validating filter's step count (reference: 10)."),
+                             tooltip="Upper bound of the self-validating filter's step count "
+                                     "(reference: 10)."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="The sampler's step count, to turn the filter's step count into "
                                      "start/end percent (exact for normal/simple/sgm_uniform/ddim_uniform "
@@ -622,11 +640,13 @@ class SAFREEPromptFilter(io.ComfyNode):
                 Embedding.Input("embedding", optional=True,
                                 tooltip="Implicit negative EMBEDDING; its encoded pooled output joins the "
                                         "toxic subspace."),
-                Embedding.Input("embedding_2", optional=True, tooltip="A second implicit negative EMBEDDING."),
+                Embedding.Input("embedding_2", optional=True,
+                                tooltip="A second implicit negative EMBEDDING."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING", tooltip="Filtered prompt conditioning."),
-                io.String.Output(display_name="report", tooltip="Flagged tokens per encoder and the step window."),
+                io.String.Output(display_name="report",
+                                 tooltip="Flagged tokens per encoder and the step window."),
             ],
         )
 

@@ -1,0 +1,263 @@
+"""nodes/guidance.py in-process on the tiny SD1 checkpoint: the SLD model patch against
+``safegen_core.sld.sld_guidance`` on the very predictions the sampler made, per-image momentum,
+state reset between runs, the guider, the SAFREE re-attention patch and the filter's structure.
+"""
+import pytest
+import torch
+
+from tests.packload import comfy_ready, pack_module
+
+comfy_ready()
+import comfy.patcher_extension as pe  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+
+from tools.tiny_models import ensure  # noqa: E402
+
+STEPS = 5
+CFG = 5.0
+
+
+@pytest.fixture(scope="module")
+def gd():
+    return pack_module("nodes.guidance")
+
+
+@pytest.fixture(scope="module")
+def core():
+    return pack_module("safegen_core.sld")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    mp, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure("sd1")), output_vae=False,
+                                                         output_clip=True)
+    with torch.inference_mode():
+        enc = {k: clip.encode_from_tokens_scheduled(clip.tokenize(t)) for k, t in
+               {"pos": "a photo of a cat", "neg": "", "safety": "nudity, violence, blood"}.items()}
+    return mp, clip, enc
+
+
+def params(core, **kw):
+    base = dict(warmup_steps=2, guidance_scale=200.0, threshold=0.0, momentum_scale=0.5, momentum_beta=0.6)
+    base.update(kw)
+    return core.SLDParams(**base)
+
+
+def sample(model, enc, noise, steps=STEPS, cfg=CFG, sampler="euler"):
+    latent = torch.zeros_like(noise)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", enc["pos"], enc["neg"],
+                                   latent, seed=0, disable_pbar=True).clone()
+
+
+def noise_for(batch, seed=0):
+    return comfy.sample.prepare_noise(torch.zeros(batch, 4, 8, 8), seed)
+
+
+def test_patched_step_equals_sld_guidance_on_captured_predictions(tiny, gd, core):
+    mp, _, enc = tiny
+    p = params(core)
+    m = gd.patch_model_sld(mp, enc["safety"], p)
+    batches, seen, steps = [], [], []
+
+    def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
+        out = executor(model, conds, x_in, timestep, model_options)
+        seen.append({"n_conds": len(conds), "x": x_in.clone(), "sigma": timestep.clone(),
+                     "preds": [o.clone() for o in out]})
+        return out
+
+    def unet_wrapper(apply_model, args):
+        batches.append((args["input"].shape[0], list(args["cond_or_uncond"])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def capture(args):  # runs after SLD's post-CFG hook
+        steps.append({"x": args["input"].clone(), "sigma": args["sigma"].clone(),
+                      "out": args["denoised"].clone(),
+                      "sched": args["model_options"]["transformer_options"].get("sample_sigmas")})
+        return args["denoised"]
+
+    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test", calc_wrapper)
+    m.set_model_unet_function_wrapper(unet_wrapper)
+    m.set_model_sampler_post_cfg_function(capture)
+    noise = noise_for(2)
+    sample(m, enc, noise)
+
+    # the sampler publishes its schedule; the step index is read from it
+    expected_sched = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"), "normal", STEPS)
+    assert len(steps) == STEPS and all(s["sched"] is steps[0]["sched"] for s in steps)
+    torch.testing.assert_close(steps[0]["sched"].cpu(), expected_sched)
+    # three conditions, ONE UNet call per step with 3 x batch rows (cond, uncond, safety)
+    assert [s["n_conds"] for s in seen] == [3] * STEPS
+    assert len(batches) == STEPS and all(b == 6 and sorted(c) == [0, 1, 2] for b, c in batches)
+
+    ref_state = core.SLDState()
+    for i, (ev, st) in enumerate(zip(seen, steps)):
+        assert torch.equal(ev["x"], st["x"])
+        x, s = ev["x"], ev["sigma"].reshape(-1, 1, 1, 1)
+        cond_d, uncond_d, safety_d = ev["preds"]
+        eps = [(x - d) / s for d in (uncond_d, cond_d, safety_d)]
+        want = core.sld_guidance(*eps, i, p, ref_state, CFG)
+        got = (x - st["out"]) / s
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        if i < p.warmup_steps:  # warm-up: the plain CFG result, bit for bit
+            assert torch.equal(st["out"], uncond_d + (cond_d - uncond_d) * CFG)
+        else:
+            assert not torch.allclose(st["out"], uncond_d + (cond_d - uncond_d) * CFG)
+    run = gd.sld_run_of(m)
+    assert run.state.calls == STEPS and run.safety_evals == STEPS
+    assert torch.equal(run.state.momentum, ref_state.momentum)
+
+
+def test_batch_keeps_per_image_momentum(tiny, gd, core):
+    mp, _, enc = tiny
+    m = gd.patch_model_sld(mp, enc["safety"], params(core))
+    noise = noise_for(2, seed=3)
+    both = sample(m, enc, noise)
+    run = gd.sld_run_of(m)
+    assert run.state.momentum.shape[0] == 2
+    for b in range(2):
+        alone = sample(m, enc, noise[b:b + 1])
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(both[b:b + 1], alone, rtol=0, atol=2e-4 * scale)
+    # the momentum matters here, so the check above would see images sharing it
+    no_mom = sample(gd.patch_model_sld(mp, enc["safety"], params(core, momentum_scale=0.0)), enc, noise)
+    assert (no_mom - both).abs().max() > 1e-2 * float(both.abs().max())
+
+
+def test_second_run_resets_state(tiny, gd, core):
+    mp, _, enc = tiny
+    m = gd.patch_model_sld(mp, enc["safety"], params(core))
+    noise = noise_for(1, seed=5)
+    first = sample(m, enc, noise)
+    run = gd.sld_run_of(m)
+    assert run.runs == 1 and run.state.calls == STEPS
+    second = sample(m, enc, noise)
+    assert run.runs == 2 and run.state.calls == STEPS
+    assert torch.equal(first, second)
+    # Without the OUTER_SAMPLE wrapper (a path that bypasses CFGGuider.sample): the safety cond is
+    # prepared by the fallback and the run is detected from the new schedule object.
+    m2 = m.clone()
+    m2.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, gd.WRAPPER_KEY)
+    a = sample(m2, enc, noise)
+    b = sample(m2, enc, noise)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, first, rtol=0, atol=1e-5 * float(first.abs().max()))
+    # the same schedule object sampled twice: reset when the sigma is back at the first step
+    run.new_run()
+    run.runs = 0
+    sched = torch.tensor([14.6, 3.0, 0.9, 0.0])
+    mo = {"transformer_options": {"sample_sigmas": sched}}
+    assert [run.step_index(torch.tensor([s]), mo)[0] for s in (14.6, 3.0, 0.9)] == [0, 1, 2]
+    run.state.calls = 3
+    assert run.step_index(torch.tensor([14.6]), mo) == (0, 3)
+    assert run.state.calls == 0 and run.runs == 1
+
+
+def test_disabled_or_all_warmup_is_plain_cfg_exactly(tiny, gd, core):
+    mp, _, enc = tiny
+    noise = noise_for(1, seed=9)
+    plain = sample(mp, enc, noise)
+    for p in (params(core, guidance_scale=0.0), params(core, warmup_steps=STEPS)):
+        m = gd.patch_model_sld(mp, enc["safety"], p)
+        assert torch.equal(sample(m, enc, noise), plain)
+        assert gd.sld_run_of(m).safety_evals == 0
+    # cfg == 1: ComfyUI skips the unconditional prediction, SLD is off (as in diffusers)
+    m = gd.patch_model_sld(mp, enc["safety"], params(core))
+    assert torch.equal(sample(m, enc, noise, cfg=1.0), sample(mp, enc, noise, cfg=1.0))
+
+
+def test_guider_equals_model_patch(tiny, gd, core):
+    mp, _, enc = tiny
+    p = params(core)
+    noise = noise_for(2, seed=11)
+    patched = sample(gd.patch_model_sld(mp, enc["safety"], p), enc, noise)
+    guider = gd.Guider_SLD(mp)
+    guider.set_conds(enc["pos"], enc["neg"], enc["safety"])
+    guider.set_sld(CFG, p)
+    sigmas = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"), "normal", STEPS)
+    with torch.inference_mode():
+        out = guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
+                            seed=0, disable_pbar=True)
+        out2 = guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
+                             seed=0, disable_pbar=True)
+    assert torch.equal(out, patched)
+    assert torch.equal(out2, out)  # the guider resets its state per run too
+    assert guider.run.runs == 2 and guider.run.safety_evals == 2 * STEPS
+
+
+def test_multistep_sampler_runs(tiny, gd, core):
+    mp, _, enc = tiny
+    m = gd.patch_model_sld(mp, enc["safety"], params(core, warmup_steps=0))
+    out = sample(m, enc, noise_for(1), steps=3, sampler="heun")
+    assert torch.isfinite(out).all()
+    run = gd.sld_run_of(m)
+    assert run.state.calls == run.safety_evals == 5  # heun: 2 evaluations per step, none at sigma 0
+
+
+def test_presets(gd, core):
+    assert gd.sld_params("strong", 0, 0, 0, 0, 0) == core.SLD_PRESETS["strong"]
+    assert gd.sld_params("custom", 3, 7.0, 0.1, 0.2, 0.3) == core.SLDParams(3, 7.0, 0.1, 0.2, 0.3)
+
+
+# --------------------------------------------------------------------------- SAFREE
+def test_reattention_patch_applies_freeu_at_the_right_stages(tiny, gd):
+    mp, _, enc = tiny
+    sf = pack_module("safegen_core.safree")
+    m = gd.patch_model_reattention(mp, 1.2, 1.1, 0.9, 0.2, start_percent=0.0, end_percent=0.5)
+    patch = m.model_options["transformer_options"]["patches"]["output_block_patch"][-1]
+    ms = mp.get_model_object("model_sampling")
+    early = {"sigmas": torch.tensor([float(ms.percent_to_sigma(0.2))])}
+    late = {"sigmas": torch.tensor([float(ms.percent_to_sigma(0.8))])}
+    g = torch.Generator().manual_seed(0)
+    for ch, (b, s) in ((1280, (1.2, 0.9)), (640, (1.1, 0.2))):
+        h, hsp = torch.randn(2, ch, 8, 8, generator=g), torch.randn(2, ch, 8, 8, generator=g)
+        got = patch(h.clone(), hsp.clone(), early)
+        want = sf.freeu_skip_reattention(h, hsp, b, s)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert not torch.equal(got[1], hsp)
+        got_late = patch(h, hsp, late)  # outside the window: untouched
+        assert got_late[0] is h and got_late[1] is hsp
+    h = torch.randn(1, 320, 8, 8, generator=g)
+    assert patch(h, h, early)[0] is h  # FreeU's rule: only 4x / 2x model_channels stages
+    # the UNet calls the patch (the tiny UNet has only 320-channel stages: an identity there)
+    calls = []
+    m2 = gd.patch_model_reattention(mp, 1.0, 1.0, 0.9, 0.2)
+    m2.set_model_output_block_patch(lambda h, hsp, to: (calls.append(h.shape[1]), (h, hsp))[1])
+    noise = noise_for(1)
+    assert torch.equal(sample(m2, enc, noise, steps=2), sample(mp, enc, noise, steps=2))
+    assert calls and set(calls) == {320}
+
+
+def test_safree_filter_structure(tiny, gd):
+    _, clip, _ = tiny
+    concepts = ["Nudity", "Erotic Art", "Sexual Acts"]
+    with torch.inference_mode():
+        plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of nudity on the beach"))
+        cond, report, info = gd.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
+                                              self_validating=True, up_t=2, steps=6)
+        off, _, _ = gd.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
+                                            self_validating=False)
+    assert info["flagged"] > 0, report
+    # with the self-validating filter: projected for the first steps, original after
+    assert 0 <= info["svf_last_step"] <= 2
+    assert len(cond) == 2
+    (fc, fx), (oc, ox) = cond
+    assert fx["start_percent"] == 0.0 and fx["end_percent"] == ox["start_percent"] == info["end_percent"]
+    assert ox["end_percent"] == 1.0
+    assert (info["svf_last_step"] + 1) / 6 - 0.01 < info["end_percent"] < (info["svf_last_step"] + 1) / 6
+    assert torch.equal(oc, plain[0][0])
+    torch.testing.assert_close(off[0][0], fc)
+    # only flagged token positions changed; BOS, EOS and padding untouched
+    changed = (fc[0] != plain[0][0][0]).any(-1).nonzero().reshape(-1).tolist()
+    toks = clip.tokenize("a photo of nudity on the beach")
+    eos = gd._eos_index(toks["l"][0], clip.tokenizer.clip_l)
+    assert eos >= 8  # BOS + 7 words (some split into several BPE tokens)
+    assert changed and len(changed) == info["flagged"] and min(changed) >= 1 and max(changed) < eos
+    # the "pooled" vectors are the EOS hidden states of the conditioning layer (= pooler_output for SD1)
+    with torch.inference_mode():
+        p = gd._pooled(clip, "l", [toks["l"][0]])
+        _, pooled = clip.encode_from_tokens(toks, return_pooled=True)
+    torch.testing.assert_close(p[0], pooled[0].float())
+    torch.testing.assert_close(p[0], plain[0][0][0, eos].float())
