@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import numpy as np
 import torch
@@ -201,15 +202,32 @@ def image_to_pil(img: torch.Tensor):
 
 
 class Progress:
-    """ProgressBar with the loss in the node's text and an optional preview image."""
+    """ProgressBar, the step's loss as the node's progress text (at most ~4×/s), an optional preview."""
 
-    def __init__(self, total: int, node_id=None):
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        self.total = total
+    def __init__(self, total: int, label: str = "loss"):
+        self.bar = comfy.utils.ProgressBar(total)
+        self.total, self.label = total, label
         self.preview = None
+        self._last_text = 0.0
 
     def step(self, step: int, loss: float | None = None):
         mm.throw_exception_if_processing_interrupted()
         prev = ("JPEG", self.preview, 512) if self.preview is not None else None
         self.bar.update_absolute(step, self.total, prev)
         self.preview = None
+        now = time.monotonic()
+        if loss is not None and (now - self._last_text > 0.25 or step == self.total):
+            self._last_text = now
+            _progress_text(f"step {step}/{self.total}  {self.label} {loss:.5f}")
+
+
+def _progress_text(text: str) -> None:
+    """Show text on the running node in the UI (no-op outside a server)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+        ctx = get_executing_context()
+        if ctx is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, ctx.node_id)
+    except Exception:  # never let UI feedback break training
+        log.debug("progress text not sent", exc_info=True)

@@ -157,3 +157,14 @@ def test_sdxl_inversion_file_layout_and_embedding_syntax(comfy_server):
         outs[key] = g.add("SaveLatent", samples=ks[0], filename_prefix=f"safegen_test/xl_emb_{key}")
     r = comfy_server.run(g, timeout=900)
     assert torch.equal(latent(comfy_server, r, outs["stock"]), latent(comfy_server, r, outs["ours"]))
+
+
+def test_guided_objective_runs_and_is_recorded(comfy_server):
+    ck = install(comfy_server, "sd1")
+    folder = concept_images(comfy_server)
+    g = Graph()
+    c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
+    trainer(g, c, "ine_guided", steps=2, folder=folder, checkpoint_every=0, preview_every=0, objective="guided")
+    comfy_server.run(g, timeout=600)
+    tensors, meta = read_emb(comfy_server, "ine_guided")
+    assert meta["objective"] == "guided" and torch.isfinite(tensors["emb_params"]).all()

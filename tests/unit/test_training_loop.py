@@ -73,3 +73,14 @@ def test_nan_loss_is_an_error():
     p = fresh()
     with pytest.raises(FloatingPointError, match="step 1"):
         train(p, lambda s, g: p["v"].sum() * float("nan"), TrainConfig(steps=3))
+
+
+def test_guided_inversion_loss_formula():
+    from safegen_core.inversion import guided_eps, inversion_loss
+    g = torch.Generator().manual_seed(0)
+    eps, ec, en = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    # scale 1: the guided prediction is the conditional one → same as the plain LDM loss
+    assert torch.allclose(inversion_loss("guided", eps, ec, en, 1.0), inversion_loss("ldm", eps, ec))
+    assert torch.allclose(guided_eps(ec, en, 7.5), en + 7.5 * (ec - en))
+    with pytest.raises(ValueError):
+        inversion_loss("guided", eps, ec, None, 7.5)
