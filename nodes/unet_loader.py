@@ -21,8 +21,8 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.latest import io, ui
 
 from ..safegen_core import unlearned as U
-from ..safegen_core.weights_io import (SAFETENSORS_EXT, WeightFileError, check_finite, list_keys,
-                                       read_weight_file)
+from ..safegen_core.weights_io import (SAFETENSORS_EXT, WeightFileError, check_finite, check_finite_file,
+                                       list_keys, read_weight_file)
 
 log = logging.getLogger("safegen")
 UNET_PREFIX = "diffusion_model."
@@ -101,9 +101,16 @@ def apply_unlearned(model, path: str, strength: float):
     """Return (patched clone of ``model``, info dict). Raises WeightFileError on bad input."""
     name = os.path.basename(path)
     is_st = path.lower().endswith(SAFETENSORS_EXT)
-    wf = read_weight_file(path)
-    check_finite(wf.tensors, name)
+    # safetensors: read shapes from the header and check values one tensor at a time, so loading a
+    # file never holds it whole in memory (patches read their tensor when ComfyUI applies them).
+    wf = read_weight_file(path, lazy=is_st)
     layout = U.detect_layout(wf.tensors.keys())
+    if layout == "lora" and is_st:
+        wf = read_weight_file(path)  # adapters are small and ComfyUI's LoRA code needs the tensors
+    if is_st and layout != "lora":
+        check_finite_file(path)
+    else:
+        check_finite(wf.tensors, name)
     base_sd = model.model_state_dict(UNET_PREFIX)
     base_shapes = {k[len(UNET_PREFIX):]: tuple(v.shape) for k, v in base_sd.items()}
     m = model.clone()
@@ -131,19 +138,18 @@ def apply_unlearned(model, path: str, strength: float):
             log.info("%s: %d text-encoder LoRA keys ignored by the UNet loader: %s", name, len(te), list_keys(te))
     else:
         dmap = _diffusers_map(model) if layout == "diffusers" else None
-        shapes = {k: tuple(v.shape) for k, v in wf.tensors.items()}
+        shapes = {k: tuple(v) if isinstance(v, torch.Size) else tuple(v.shape) for k, v in wf.tensors.items()}
         plan = U.plan_patches(shapes, base_shapes, dmap, name)
         skipped = 0
         patches = {}
         # the base's own weights, even while a patched clone (sharing the module) is loaded
         originals = model.get_key_patches(UNET_PREFIX) if plan.is_full else {}
         for e in plan.entries:
-            t = wf.tensors[e.file_key]
+            src = _FileTensor(path, e.file_key, None if is_st else wf.tensors[e.file_key])
             orig = originals[UNET_PREFIX + e.model_key][0][0] if plan.is_full else None
-            if orig is not None and torch.equal(U.fit_to(t, e.shape).to(orig.dtype), orig):
+            if orig is not None and torch.equal(U.fit_to(src.get(), e.shape).to(orig.dtype), orig):
                 skipped += 1  # identical to the base: no patch needed
                 continue
-            src = _FileTensor(path, e.file_key, None if is_st else t)
             patches[UNET_PREFIX + e.model_key] = UnlearnedWeight(src, e.shape)
         added = m.add_patches(patches, strength)
         keys = [k[len(UNET_PREFIX):] for k in added]

@@ -110,6 +110,21 @@ def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
         raise WeightFileError(f"{name}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
 
 
+def check_finite_file(path: str) -> None:
+    """:func:`check_finite` for a safetensors file, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(k)
+            del t
+    if bad:
+        raise WeightFileError(f"{_short(path)}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A content hash of a state dict (keys, dtypes, shapes, bytes), independent of file layout."""
     h = hashlib.sha256()
