@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import numpy as np
@@ -157,6 +158,31 @@ def trainable(*patchers):
                     table[n] = orig
             for t in frozen:
                 t.requires_grad_(True)
+
+
+def checkpoint_dir(kind: str, name: str) -> str:
+    """Where a trainer keeps resumable checkpoints: output/safegen_checkpoints/<kind>/<name>
+    (not under models/, whose loaders would list them)."""
+    return os.path.join(folder_paths.get_output_directory(), "safegen_checkpoints", kind, name)
+
+
+def input_path(rel: str, label: str) -> str:
+    """``rel`` resolved under ComfyUI's input directory; refuses paths that leave it."""
+    base = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(base, rel.strip()))
+    if path != base and not path.startswith(base + os.sep):
+        raise ValueError(f"{label} '{rel}' must be under ComfyUI's input directory ({base})")
+    return path
+
+
+def weights_fingerprint(state_dict: dict) -> str:
+    """Content hash of weights (key, shape, sum, abs-sum per tensor): cheap, changes with any edit."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(state_dict.items()):
+        v = v.detach().float()
+        h.update(f"{k}{tuple(v.shape)}{float(v.sum()):.6e}{float(v.abs().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
 
 
 def model_sigmas(model) -> torch.Tensor:

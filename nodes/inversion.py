@@ -44,18 +44,13 @@ def embedding_files() -> list[str]:
             if f.lower().endswith((".safetensors", ".pt", ".bin"))]
 
 
-def checkpoint_dir(kind: str, name: str) -> str:
-    return os.path.join(folder_paths.get_output_directory(), "safegen_checkpoints", kind, name)
-
-
 def load_folder_images(folder: str, resolution: int) -> torch.Tensor:
     """Images under ComfyUI's input/<folder>, centre-cropped and resized: IMAGE [B,H,W,3]."""
     from PIL import Image, ImageOps
 
-    base = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(base, folder))
-    if not path.startswith(base) or not os.path.isdir(path):
-        raise ValueError(f"image_folder '{folder}' is not a folder under ComfyUI's input directory ({base})")
+    path = G.input_path(folder, "image_folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"image_folder '{folder}' is not a folder under ComfyUI's input directory")
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
     if not files:
         raise ValueError(f"image_folder '{folder}' holds no images ({', '.join(IMAGE_EXT)})")
@@ -69,13 +64,8 @@ def load_folder_images(folder: str, resolution: int) -> torch.Tensor:
 
 def model_fingerprint(model) -> str:
     """Content hash of the MODEL's effective UNet weights (patches applied), cheap to compute."""
-    import hashlib
     mm.load_models_gpu([model], force_full_load=True)
-    h = hashlib.sha256()
-    for k, v in model.model.diffusion_model.state_dict().items():
-        v = v.detach().float()
-        h.update(f"{k}{tuple(v.shape)}{float(v.sum()):.6e}{float(v.abs().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
+    return G.weights_fingerprint(model.model.diffusion_model.state_dict())
 
 
 def init_token_vectors(clip, text: str) -> dict[str, torch.Tensor]:
@@ -144,7 +134,7 @@ def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text
                            TrainCallbacks(on_step=lambda s, n, l: progress.step(s, l),
                                           check_interrupt=mm.throw_exception_if_processing_interrupted,
                                           on_preview=on_preview if (preview_every > 0 and vae is not None) else None),
-                           ckpt_dir=checkpoint_dir("inversion", name) if (checkpoint_every or resume) else None,
+                           ckpt_dir=G.checkpoint_dir("inversion", name) if (checkpoint_every or resume) else None,
                            resume=resume, fingerprint=fingerprint)
     return result, fingerprint
 

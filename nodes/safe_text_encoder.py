@@ -39,32 +39,19 @@ def text_encoder_files() -> list[str]:
             if f.lower().endswith((".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"))]
 
 
-def checkpoint_dir(name: str) -> str:
-    return os.path.join(folder_paths.get_output_directory(), "safegen_checkpoints", "safe_text_encoder", name)
-
-
 def clip_state_dict(clip) -> dict[str, torch.Tensor]:
     return clip.patcher.model_state_dict()
 
 
 def clip_fingerprint(clip) -> str:
-    """Content hash of the CLIP's stored text-encoder weights (sum/abs-sum per tensor, cheap)."""
-    import hashlib
-    h = hashlib.sha256()
-    for k, v in sorted(clip_state_dict(clip).items()):
-        v = v.detach().float()
-        h.update(f"{k}{tuple(v.shape)}{float(v.sum()):.6e}{float(v.abs().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
+    """Content hash of the CLIP's stored text-encoder weights."""
+    return G.weights_fingerprint(clip_state_dict(clip))
 
 
 def resolve_prompts(text: str, file_name: str, label: str, default: list[str]) -> list[str]:
     prompts = ST.parse_prompt_text(text)
     if file_name and file_name.strip():
-        base = os.path.realpath(folder_paths.get_input_directory())
-        path = os.path.realpath(os.path.join(base, file_name.strip()))
-        if not path.startswith(base + os.sep):
-            raise ValueError(f"{label} file '{file_name}' must be under ComfyUI's input directory ({base})")
-        prompts += ST.read_prompt_file(path)
+        prompts += ST.read_prompt_file(G.input_path(file_name, f"{label} file"))
     prompts = ST.dedupe(prompts)
     if not prompts:
         prompts = list(default)
@@ -175,7 +162,8 @@ def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=1
                 result = train(params, loss_fn, cfg,
                                TrainCallbacks(on_step=lambda s, n, l: progress.step(s, l),
                                               check_interrupt=mm.throw_exception_if_processing_interrupted),
-                               ckpt_dir=checkpoint_dir(name) if (checkpoint_every or resume) else None,
+                               ckpt_dir=(G.checkpoint_dir("safe_text_encoder", name)
+                                         if (checkpoint_every or resume) else None),
                                resume=resume, fingerprint=fingerprint)
     stats = {"final_L_u": loss_fn.last[0], "final_L_e": loss_fn.last[1]}
     return result, fingerprint, keys, stats

@@ -169,7 +169,7 @@ def test_full_weight_files_become_differences(setup, te_dir):
 
 def test_checkpoint_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     clip, N, _ = setup
-    monkeypatch.setattr(N, "checkpoint_dir", lambda name: str(tmp_path / name))
+    monkeypatch.setattr(N.G, "checkpoint_dir", lambda kind, name: str(tmp_path / name))
     U, S = ["a nude person", "naked woman on a bed"], ["a cat", "a house by a lake"]
     kw = dict(lam=1.0, lr=1e-4, batch_size=1, seed=5)
     with torch.inference_mode():
