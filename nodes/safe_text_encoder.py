@@ -25,7 +25,7 @@ from ..safegen_core import safetext as ST
 from ..safegen_core.plots import line_plot
 from ..safegen_core.training import TrainCallbacks, TrainConfig, train
 from ..safegen_core.weights_io import (WeightFileError, check_finite, list_keys, read_weight_file,
-                                       sanitize_name, save_safetensors_atomic, tensors_sha256)
+                                       sanitize_name, save_safetensors_atomic)
 from . import comfy_glue as G
 
 log = logging.getLogger("safegen")
