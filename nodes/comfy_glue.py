@@ -221,6 +221,12 @@ def sample_preview(model, vae, positive, negative, seed: int, steps: int = 8, cf
     return vae.decode(out)
 
 
+def loss_plot_image(losses, title: str) -> torch.Tensor:
+    """A training-loss chart as a ComfyUI IMAGE [1,H,W,3] in 0..1."""
+    from ..safegen_core.plots import line_plot
+    return torch.from_numpy(line_plot(losses, title, smooth=10).copy()).float()[None] / 255.0
+
+
 def image_to_pil(img: torch.Tensor):
     from PIL import Image
     arr = (img[0].detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)

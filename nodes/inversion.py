@@ -17,7 +17,6 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..safegen_core import inversion as INV
-from ..safegen_core.plots import line_plot
 from ..safegen_core.training import TrainCallbacks, TrainConfig, train
 from ..safegen_core.weights_io import (WeightFileError, read_weight_file, sanitize_name,
                                        save_safetensors_atomic)
@@ -231,7 +230,7 @@ class ConceptInversionTrainer(io.ComfyNode):
                 if result.losses else None}
         path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], f"{name}.safetensors")
         save_safetensors_atomic(INV.to_file_tensors(vectors), path, meta)
-        plot = torch.from_numpy(line_plot(result.losses, f"inversion loss: {name}", smooth=10)).float()[None] / 255.0
+        plot = G.loss_plot_image(result.losses, f"inversion loss: {name}")
         info = (f"saved {path}\nsteps {steps} (resumed from {result.resumed_from}), final loss {final:.5f}, "
                 f"vectors {num_vectors}, objective {objective}")
         emb = {"name": name, "vectors": vectors, "metadata": meta}

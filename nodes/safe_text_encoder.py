@@ -22,7 +22,6 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..safegen_core import safetext as ST
-from ..safegen_core.plots import line_plot
 from ..safegen_core.training import TrainCallbacks, TrainConfig, train
 from ..safegen_core.weights_io import (WeightFileError, check_finite, list_keys, read_weight_file,
                                        sanitize_name, save_safetensors_atomic)
@@ -310,7 +309,7 @@ class SafeTextEncoderTrainer(io.ComfyNode):
         path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], f"{name}.safetensors")
         save_safetensors_atomic(deltas, path, meta)
         out_clip = apply_deltas(clip, deltas, 1.0)
-        plot = torch.from_numpy(line_plot(result.losses, f"SafeText loss: {name}", smooth=10).copy()).float()[None] / 255.0
+        plot = G.loss_plot_image(result.losses, f"SafeText loss: {name}")
         info = (f"saved {path}\nsteps {steps} (resumed from {result.resumed_from}), final loss {final:.5f} "
                 f"(L_u {stats['final_L_u']:.5f}, L_e {stats['final_L_e']:.4f}), λ {lambda_}, layers {layers}, "
                 f"{len(keys)} tensors, prompts unsafe {len(unsafe)} / safe {len(safe)}")
