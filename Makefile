@@ -6,6 +6,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 setup:
 	@bash tools/provision.sh
+	@bash tools/provision_browser.sh
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -57,6 +57,30 @@ def resolve_prompts(text: str, file_name: str, label: str, default: list[str]) -
     return prompts
 
 
+def conditioning_layers(clip) -> dict[str, tuple[int, bool]]:
+    """{state-dict prefix of an encoder: (index of the layer the conditioning is taken from,
+    whether the final layer norm is applied)}, as ComfyUI will encode with this CLIP (its
+    CLIPSetLastLayer setting included): SD1 = last layer + norm; SDXL = penultimate, no norm."""
+    out = {}
+    cm = clip.cond_stage_model
+    for attr in ("clip_l", "clip_g"):
+        enc = getattr(cm, attr, None)
+        if enc is None or not hasattr(enc, "num_layers"):
+            continue
+        n = int(enc.num_layers)
+        layer, idx = enc.layer, enc.layer_idx
+        if clip.layer_idx is not None:  # what set_clip_options will do at encode time
+            if abs(clip.layer_idx) > n:
+                layer, idx = "last", None
+            else:
+                layer, idx = "hidden", clip.layer_idx
+        if layer == "hidden" and idx is not None:
+            out[f"{attr}.transformer.text_model."] = (idx % n, bool(enc.layer_norm_hidden_state))
+        else:  # "last" (and "pooled", whose per-token output is the last layer)
+            out[f"{attr}.transformer.text_model."] = (n - 1, True)
+    return out
+
+
 # --------------------------------------------------------------------------- encoding
 def encode_batch(clip, prompts: list[str]) -> torch.Tensor:
     """[N, 77·k, D]: the conditioning of each prompt (all prompts in one batched forward).
@@ -122,7 +146,7 @@ def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=1
                    resume=False, name="safe_text_encoder"):
     """Run SafeText on ``clip``; returns (TrainResult, fingerprint, keys, stats)."""
     sd = clip_state_dict(clip)
-    keys = ST.select_keys(sd.keys(), layers)
+    keys = ST.select_keys(sd.keys(), layers, used=conditioning_layers(clip))
     if not keys:
         raise ValueError(f"no text-encoder tensors match layers={layers!r}")
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, optimizer="adamw", checkpoint_every=checkpoint_every,

@@ -41,8 +41,15 @@ LAYER_CHOICES = ("final layers (last 2)", "all attention", "all")
 
 # ------------------------------------------------------------------------------ the loss
 def utility_loss(new: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
-    """L_u: mean squared distance between fine-tuned and original safe embeddings (≥ 0)."""
-    return (new.float() - orig.float()).pow(2).mean()
+    """L_u: squared Euclidean distance between fine-tuned and original safe embeddings, relative to
+    the originals' squared norm (mean over tokens of ‖new − orig‖² / mean over tokens of ‖orig‖²; ≥ 0).
+
+    The paper's L_u is the (squared) Euclidean distance; dividing by the originals' energy (a
+    constant: the originals are frozen) only rescales it, so that λ means the same on every text
+    encoder: SD1's conditioning is CLIP-L's last layer after the final norm, SDXL's the raw
+    penultimate layers of CLIP-L and CLIP-G, whose token norms are several times larger."""
+    new, orig = new.float(), orig.float()
+    return (new - orig).pow(2).sum(-1).mean() / orig.pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
 def bos_mask(length: int, device=None) -> torch.Tensor:
@@ -140,36 +147,49 @@ def default_safe_prompts() -> list[str]:
 _LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
-def select_keys(keys, choice: str, prefix_filter: str = "") -> list[str]:
+def select_keys(keys, choice: str, prefix_filter: str = "", used: dict | None = None) -> list[str]:
     """The text-encoder tensors that train for ``choice`` (one of :data:`LAYER_CHOICES`).
 
-    * "final layers (last 2)": every weight/bias of the last two encoder layers + final_layer_norm.
+    * "final layers (last 2)": every weight/bias of the last two encoder layers that *feed the
+      conditioning* + final_layer_norm when it is applied to it.
     * "all attention": q/k/v/out projections (weights and biases) of every encoder layer.
     * "all": every encoder layer + final_layer_norm (the token/position embedding tables are
       never trained: 38M parameters, and a row only moves when its token is in a prompt).
     ``keys`` are state-dict keys (``clip_l.transformer.text_model.encoder.layers.11.mlp.fc1.weight``).
+    ``used`` maps an encoder's key prefix (the part before ``encoder.layers.``) to
+    ``(last_layer_index, final_norm_applied)``: which hidden state the conditioning is taken from.
+    SD1 takes the last layer through the final norm; SDXL takes the penultimate layer of both
+    encoders without it, so "last 2" there means layers n-3 and n-2: the last layer and the final
+    norm cannot change SDXL's per-token conditioning. Without ``used`` the last layer is assumed.
     Projections (``text_projection``) and ``logit_scale`` are excluded: SD1's UNet never sees them.
     """
     if choice not in LAYER_CHOICES:
         raise ValueError(f"unknown layer choice {choice!r}; one of {LAYER_CHOICES}")
+    used = used or {}
     keys = [k for k in keys if k.startswith(prefix_filter) and k.endswith((".weight", ".bias"))]
     enc = [k for k in keys if _LAYER_RE.search(k)]
+
+    def prefix_of(k):
+        return k[: _LAYER_RE.search(k).start()] if _LAYER_RE.search(k) else k[: k.index("final_layer_norm.")]
+
     fln = [k for k in keys if ".final_layer_norm." in k]
     if choice == "all attention":
         return sorted(k for k in enc if ".self_attn." in k)
     if choice == "all":
         return sorted(enc + fln)
+    # per encoder (prefix before 'encoder.layers.') so SDXL's two encoders each get their last 2
+    n_layers: dict[str, int] = {}
+    for k in enc:
+        pre = prefix_of(k)
+        n_layers[pre] = max(n_layers.get(pre, -1), int(_LAYER_RE.search(k).group(1)))
     out = []
-    # group per encoder (prefix before 'encoder.layers.') so SDXL's two encoders each get their last 2
-    groups: dict[str, int] = {}
     for k in enc:
-        m = _LAYER_RE.search(k)
-        groups[k[: m.start()]] = max(groups.get(k[: m.start()], -1), int(m.group(1)))
-    for k in enc:
-        m = _LAYER_RE.search(k)
-        if int(m.group(1)) >= groups[k[: m.start()]] - 1:
+        pre = prefix_of(k)
+        last = used.get(pre, (n_layers[pre], True))[0]
+        if last - 1 <= int(_LAYER_RE.search(k).group(1)) <= last:
             out.append(k)
-    return sorted(out + fln)
+    out += [k for k in fln if used.get(prefix_of(k), (None, True))[1]]
+    return sorted(out)
 
 
 def delta_state_dict(deltas: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -7,24 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-
-class Graph(dict):
-    """g = Graph(); ck = g.add("CheckpointLoaderSimple", ckpt_name=…); g.add("X", model=ck[0])."""
-
-    def add(self, class_type: str, **inputs):
-        nid = str(len(self) + 1)
-        self[nid] = {"class_type": class_type,
-                     "inputs": {k: (list(v) if isinstance(v, Out) else v) for k, v in inputs.items()}}
-        return Node(nid)
-
-
-class Out(tuple):
-    pass
-
-
-class Node(str):
-    def __getitem__(self, i):
-        return Out((str(self), i))
+from tools.workflows import Graph, Node, Out  # noqa: F401  (one graph builder for tools and tests)
 
 
 def install(server, kind_or_path, folder: str = "checkpoints", name: str | None = None) -> str:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a real SD1.5/SDXL checkpoint (default: build a tiny SD1.5-shaped one)")
     ap.add_argument("--unlearned", help="an unlearned UNet file (default: a synthetic ESD-x-style partial file)")
     ap.add_argument("--out", default=str(REPO / "demo_out"), help="folder for the run's images and report")
-    ap.add_argument("--workflow", default=str(REPO / "workflows" / "txt2img_unlearned_api.json"))
+    ap.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "txt2img_unlearned.json"))
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: workflow's; 4 on tiny)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

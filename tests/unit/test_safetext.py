@@ -14,7 +14,10 @@ def test_loss_zero_at_identity_and_signs():
     loss, lu, le = ST.safetext_loss(s, s, u, u, lam=0.7)
     assert abs(float(lu)) < 1e-12 and abs(float(le)) < 1e-6 and abs(float(loss)) < 1e-6
     s2 = s + 0.1
-    assert float(ST.utility_loss(s2, s)) == pytest.approx(0.01, rel=1e-4)  # mean squared distance
+    # squared distance relative to the originals' energy: 16 dims x 0.01 / E‖s‖² (≈ 16)
+    expect = (0.01 * 16) / float(s.pow(2).sum(-1).mean())
+    assert float(ST.utility_loss(s2, s)) == pytest.approx(expect, rel=1e-4)
+    assert float(ST.utility_loss(10 * s2, 10 * s)) == pytest.approx(expect, rel=1e-4)  # scale-free
 
 
 def test_effectiveness_bounded_and_ignores_bos():
