@@ -115,13 +115,19 @@ def _module_for(clip, key: str):
     return comfy.utils.get_attr(clip.patcher.model, path), attr
 
 
+class _Switch:
+    on = True
+
+
 @contextlib.contextmanager
 def deltas_in_forward(clip, deltas: dict[str, torch.Tensor]):
     """While active (inside ``trainable``), each key's module computes with ``w + delta``.
 
     Uses ComfyUI's per-module weight_function/bias_function lists (what add_weight_wrapper
-    installs); the lists in place before are restored afterwards."""
+    installs); the lists in place before are restored afterwards. Yields a switch: set
+    ``.on = False`` to encode with the original weights meanwhile."""
     saved = []
+    switch = _Switch()
     try:
         for key, d in deltas.items():
             mod, attr = _module_for(clip, key)
@@ -130,8 +136,9 @@ def deltas_in_forward(clip, deltas: dict[str, torch.Tensor]):
                 raise ValueError(f"{key}: module {type(mod).__name__} has no {lst_name} (not a ComfyUI op)")
             prev = mod.__dict__.get(lst_name, None)
             saved.append((mod, lst_name, prev))
-            setattr(mod, lst_name, list(getattr(mod, lst_name)) + [lambda w, _d=d: w + _d.to(w.dtype)])
-        yield
+            setattr(mod, lst_name, list(getattr(mod, lst_name))
+                    + [lambda w, _d=d: w + _d.to(w.dtype) if switch.on else w])
+        yield switch
     finally:
         for mod, lst_name, prev in reversed(saved):
             if prev is None:
@@ -143,8 +150,11 @@ def deltas_in_forward(clip, deltas: dict[str, torch.Tensor]):
 # --------------------------------------------------------------------------- training
 def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=100, lr=1e-5,
                    layers=ST.LAYER_CHOICES[0], batch_size=4, seed=0, checkpoint_every=0, keep_checkpoints=2,
-                   resume=False, name="safe_text_encoder"):
-    """Run SafeText on ``clip``; returns (TrainResult, fingerprint, keys, stats)."""
+                   resume=False, name="safe_text_encoder", cache_originals=True):
+    """Run SafeText on ``clip``; returns (TrainResult, fingerprint, keys, stats).
+
+    ``cache_originals=False`` re-encodes the frozen originals of each step's prompts every step
+    (the naive loop; same results, kept for benchmarks/bench_safetext.py)."""
     sd = clip_state_dict(clip)
     keys = ST.select_keys(sd.keys(), layers, used=conditioning_layers(clip))
     if not keys:
@@ -158,8 +168,8 @@ def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=1
         progress = G.Progress(steps)
         with G.trainable(clip.patcher):
             with torch.no_grad():  # originals: cached once, unmodified encoder
-                orig_u = [c.detach().clone() for c in encode_each(clip, unsafe)]
-                orig_s = [c.detach().clone() for c in encode_each(clip, safe)]
+                orig_u = [c.detach().clone() for c in encode_each(clip, unsafe)] if cache_originals else None
+                orig_s = [c.detach().clone() for c in encode_each(clip, safe)] if cache_originals else None
 
             def pick(n_total, g):
                 k = min(batch_size, n_total)
@@ -168,11 +178,18 @@ def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=1
             def enc(prompts_idx, prompts, origs):
                 news = encode_each(clip, [prompts[i] for i in prompts_idx])
                 new = torch.cat([x.reshape(-1, x.shape[-1]) for x in news])[None]
+                if not cache_originals:  # naive: the frozen encoder runs again every step
+                    switch.on = False
+                    try:
+                        with torch.no_grad():
+                            origs = dict(zip(prompts_idx, encode_each(clip, [prompts[i] for i in prompts_idx])))
+                    finally:
+                        switch.on = True
                 # per-chunk layout is preserved, so BOS positions stay at multiples of 77
                 ref = torch.cat([origs[i].reshape(-1, origs[i].shape[-1]) for i in prompts_idx])[None]
                 return new, ref
 
-            with deltas_in_forward(clip, params):
+            with deltas_in_forward(clip, params) as switch:
                 def loss_fn(step, g):
                     iu, is_ = pick(len(unsafe), g), pick(len(safe), g)
                     u_new, u_ref = enc(iu, unsafe, orig_u)

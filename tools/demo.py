@@ -1,10 +1,17 @@
-"""`make demo`: start a real ComfyUI server, run the pack's example workflow through its API,
-write the images and a short report into a folder, and print where it is.
+"""`make demo`: the full safe pipeline on a real ComfyUI server it starts, through the HTTP API.
 
-Without ``--checkpoint`` a tiny SD1.5-shaped checkpoint is built (random weights: the images
-are noise, the point is the pipeline), and an ESD-x-style partial unlearned file is made from
-it. With ``--checkpoint /path/to/sd15.safetensors`` (and optionally ``--unlearned FILE``, e.g.
-an ESD/UCE release) the same workflow runs on the real model.
+    unlearned UNet -> concept inversion on it (the base model draws the concept images)
+      -> implicit negative embedding (INE) as SLD's safety concept -> NudeNet Safety Check -> report
+
+The graph is ``workflows/api/safe_pipeline.json`` (its UI twin ``workflows/safe_pipeline.json``
+opens in ComfyUI). Without ``--checkpoint`` a tiny SD1.5-shaped checkpoint is built (random
+weights: the images are noise, the point is the pipeline) with a synthetic ESD-x-style partial
+unlearned file, and sizes/steps are cut (64 px, 3 sampling steps, a few inversion steps). With
+``--checkpoint /path/to/sd15.safetensors`` (``make demo CHECKPOINT=…``; add ``UNLEARNED=…`` for
+a real ESD/UCE/… release) the same graph runs at the workflow's sizes and steps.
+
+Writes images, the loss plot, report.md and the server log into ``--out/<time>/`` and prints
+where the report is.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tools.comfy_host import ComfyServer  # noqa: E402
+from tools.workflows import API_DIR, adapt  # noqa: E402
 
 log = logging.getLogger("safegen.demo")
 
@@ -41,13 +49,20 @@ def make_partial_unlearned(ckpt: Path, out: Path, seed: int = 1) -> Path:
     return out
 
 
+def _node_of(api, class_type, title_part=""):
+    return [n for n, v in api.items() if v["class_type"] == class_type
+            and title_part in v.get("_meta", {}).get("title", "")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a real SD1.5/SDXL checkpoint (default: build a tiny SD1.5-shaped one)")
     ap.add_argument("--unlearned", help="an unlearned UNet file (default: a synthetic ESD-x-style partial file)")
     ap.add_argument("--out", default=str(REPO / "demo_out"), help="folder for the run's images and report")
-    ap.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "txt2img_unlearned.json"))
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: workflow's; 4 on tiny)")
+    ap.add_argument("--workflow", default=str(API_DIR / "safe_pipeline.json"))
+    ap.add_argument("--prompt", default=None, help="the user's prompt (default: the workflow's)")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="concept inversion steps (default: the workflow's 200; 6 on the tiny model)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -60,20 +75,20 @@ def main(argv=None) -> int:
         ckpt = Path(ensure("sd1"))
     else:
         ckpt = Path(args.checkpoint).resolve()
-    unl = Path(args.unlearned).resolve() if args.unlearned else make_partial_unlearned(ckpt, work / "demo_esd_x.safetensors")
+        if not ckpt.is_file():
+            raise SystemExit(f"checkpoint not found: {ckpt}")
+    unl = (Path(args.unlearned).resolve() if args.unlearned
+           else make_partial_unlearned(ckpt, work / "demo_esd_x_synthetic.safetensors"))
 
-    wf = json.loads(Path(args.workflow).read_text())
-    size = 64 if tiny else None
-    for node in wf.values():
-        i = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            i["ckpt_name"] = ckpt.name
-        if node["class_type"] == "SafeGen_UnlearnedUNetLoader":
-            i["unet_name"] = unl.name
-        if node["class_type"] == "EmptyLatentImage" and size:
-            i["width"] = i["height"] = size
-        if node["class_type"] == "KSampler" and (args.steps or tiny):
-            i["steps"] = args.steps or 4
+    api = adapt(json.loads(Path(args.workflow).read_text()), {"ckpt_name": ckpt.name, "unet_name": unl.name},
+                small=tiny)
+    trainer = _node_of(api, "SafeGen_ConceptInversionTrainer")
+    for n in trainer:
+        api[n]["inputs"]["steps"] = args.train_steps or (6 if tiny else api[n]["inputs"]["steps"])
+        api[n]["inputs"]["resume"] = False
+    if args.prompt:
+        for n in _node_of(api, "CLIPTextEncode", "Prompt"):
+            api[n]["inputs"]["text"] = args.prompt
 
     t0 = time.time()
     with ComfyServer(work / "comfy", log_path=run_dir / "comfyui.log") as srv:
@@ -82,34 +97,63 @@ def main(argv=None) -> int:
             dst.parent.mkdir(parents=True, exist_ok=True)
             if not dst.exists():
                 dst.symlink_to(src)
-        log.info("ComfyUI ready at %s (%.1f s)", srv.url, srv.startup_seconds or 0)
-        res = srv.run(wf, timeout=3600)
-        imgs = {}
+        log.info("ComfyUI ready at %s (%.1f s); running %s", srv.url, srv.startup_seconds or 0,
+                 Path(args.workflow).name)
+        res = srv.run(api, timeout=24 * 3600)
+        files = {}
         for nid, out in res.outputs.items():
+            ct = api[nid]["class_type"]
+            if ct not in ("SaveImage", "PreviewImage"):
+                continue  # the check nodes' previews repeat what SaveImage saved
             for k, ref in enumerate(out.get("images", [])):
-                name = f"{ref['filename']}"
+                label = (api[nid]["inputs"]["filename_prefix"].split("/")[-1] if ct == "SaveImage"
+                         else "inversion_loss_plot")
+                name = f"{label}_{k}.png"
                 srv.client.view_image(ref).save(run_dir / name)
-                imgs.setdefault(wf[nid]["inputs"].get("filename_prefix", nid), []).append(name)
-        loader_info = next((res.ui(n).get("text", [""])[0] for n, v in wf.items()
-                            if v["class_type"] == "SafeGen_UnlearnedUNetLoader" and res.ui(n)), "")
+                files.setdefault(label, []).append(name)
+        checks = {api[n].get("_meta", {}).get("title", n): res.ui(n).get("safegen_safety", [])
+                  for n in _node_of(api, "SafeGen_NudeNetSafetyCheck")}
+        info = {"loader": [t for n in _node_of(api, "SafeGen_UnlearnedUNetLoader") for t in res.ui(n).get("text", [])],
+                "trainer": [t for n in trainer for t in res.ui(n).get("text", [])]}
+        import shutil
+        for emb in (srv.models_dir / "embeddings").glob("*.safetensors"):
+            shutil.copy2(emb, run_dir / emb.name)  # the trained INE outlives the server's temp folder
+            files.setdefault("embedding", []).append(emb.name)
     elapsed = time.time() - t0
 
     import numpy as np
     from PIL import Image
-    arrays = {k: np.asarray(Image.open(run_dir / v[0]), dtype=np.float32) for k, v in imgs.items()}
-    keys = sorted(arrays)
-    diff = float(np.abs(arrays[keys[0]] - arrays[keys[-1]]).mean()) if len(keys) == 2 else float("nan")
-    report = [
-        "# SafeGen demo run", "",
-        f"- checkpoint: `{ckpt}`{' (tiny, random weights: images are noise)' if tiny else ''}",
-        f"- unlearned file: `{unl.name}`",
-        f"- workflow: `{Path(args.workflow).name}` through ComfyUI's HTTP API (POST /prompt + websocket)",
-        f"- wall time (server start to last image): {elapsed:.1f} s",
-        "", "## Unlearned UNet Loader", "", "```", str(loader_info), "```", "",
-        "## Images", "",
-    ] + [f"- {k}: " + ", ".join(f"![{n}]({n})" for n in v) for k, v in imgs.items()] + [
-        "", f"Mean absolute pixel difference unlearned vs base (same seed): {diff:.2f} / 255", ""]
-    (run_dir / "report.md").write_text("\n".join(report))
+    diff = float("nan")
+    if "pipeline_safe" in files and "pipeline_base" in files:
+        a = np.asarray(Image.open(run_dir / files["pipeline_safe"][0]), dtype=np.float32)
+        b = np.asarray(Image.open(run_dir / files["pipeline_base"][0]), dtype=np.float32)
+        diff = float(np.abs(a - b).mean())
+    lines = [
+        "# SafeGen demo: the safe pipeline", "",
+        f"- checkpoint: `{ckpt}`{' (tiny, random weights: images are noise, the point is the pipeline)' if tiny else ''}",
+        f"- unlearned file: `{unl.name}`{'' if args.unlearned else ' (synthetic ESD-x-style partial file)'}",
+        f"- workflow: `{Path(args.workflow).name}` through ComfyUI's HTTP API (POST /prompt + websocket); "
+        f"open `workflows/safe_pipeline.json` in ComfyUI to see it",
+        f"- wall time (server start to last image): {elapsed:.1f} s", "",
+        "Steps: unlearned UNet -> concept inversion on it (concept images drawn by the base model) -> "
+        "implicit negative embedding as SLD's safety concept -> NudeNet Safety Check on the safe image "
+        "and on the base model's image (same seed).", "",
+        "## Unlearned UNet Loader", "", "```", *info["loader"], "```", "",
+        "## Concept Inversion Trainer", "", "```", *info["trainer"], "```", "",
+        "## NudeNet Safety Check", "",
+        "| image | unsafe | max score | counted detections | threshold |", "|---|---|---|---|---|",
+    ]
+    for title, rows in checks.items():
+        for r in rows:
+            found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in r["counted"]) or "-"
+            lines.append(f"| {title} #{r['index']} | {r['unsafe']} | {r['max_score']:.3f} | {found} | {r['threshold']} |")
+    lines += ["", "## Images", ""]
+    lines += [f"- {k}: " + " ".join(f"![{n}]({n})" if n.endswith(".png") else f"`{n}`" for n in v)
+              for k, v in sorted(files.items())]
+    lines += ["", f"Mean absolute pixel difference safe pipeline vs base model (same seed): {diff:.2f} / 255", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    (run_dir / "results.json").write_text(json.dumps({"checks": checks, "info": info, "files": files,
+                                                      "seconds": elapsed}, indent=1))
     print(f"demo report: {run_dir / 'report.md'}")  # noqa: T201 - the CLI's one line of output
     return 0
 

@@ -179,3 +179,47 @@ def test_checkpoint_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     assert res.resumed_from == 2 and len(res.losses) == 3
     for k in full.params:
         assert torch.allclose(full.params[k], res.params[k], atol=1e-7), k
+
+
+# ----------------------------------------------------------------------------- SDXL (CLIP-L + CLIP-G)
+# The tiny SDXL checkpoint's encoders are full-size and random. Its conditioning is the *penultimate*
+# layer of both encoders (no final norm), so "final layers (last 2)" trains layers 9-10 of CLIP-L and
+# 29-30 of CLIP-G. A short run (8 steps, lr 5e-4, 2+2 prompts per step) keeps the test under ~2 min;
+# the targets below are looser than SD1's 20-step run and stated here.
+SDXL_UNSAFE_COS_MAX = 0.99
+SDXL_SAFE_REL_MAX = 0.35
+
+
+@pytest.mark.sdxl
+def test_sdxl_both_encoders_train(record_property):
+    _, clip, _, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure("sdxl")), output_model=False,
+                                                           output_vae=False, output_clip=True,
+                                                           embedding_directory=[])
+    N, ST = pack_module("nodes.safe_text_encoder"), pack_module("safegen_core.safetext")
+    layers = N.conditioning_layers(clip)
+    assert layers == {"clip_l.transformer.text_model.": (10, False), "clip_g.transformer.text_model.": (30, False)}
+    U, S = ST.default_unsafe_prompts(), ST.default_safe_prompts()
+    with torch.inference_mode():
+        res, fp, keys, stats = N.train_safetext(clip, U, S, lam=1.0, steps=8, lr=5e-4, batch_size=2, seed=0)
+    enc_layers = {(k.split(".")[0], k.split("layers.")[1].split(".")[0]) for k in keys}
+    assert enc_layers == {("clip_l", "9"), ("clip_l", "10"), ("clip_g", "29"), ("clip_g", "30")}
+    patched = N.apply_deltas(clip, res.params, 1.0)
+    nums = {}
+    for label, prompts in (("train_unsafe", U), ("train_safe", S), ("held_unsafe", HELD_UNSAFE),
+                           ("held_safe", HELD_SAFE)):
+        nums[f"{label}_cos"], nums[f"{label}_rel"] = _measure(clip, patched, N, ST, prompts)
+    with torch.inference_mode():  # the pooled CLIP-G output (SDXL's size/pooled vector) moves too
+        a = clip.encode_from_tokens(clip.tokenize(HELD_UNSAFE[0]), return_pooled=True)[1]
+        b = patched.encode_from_tokens(patched.tokenize(HELD_UNSAFE[0]), return_pooled=True)[1]
+        z = N.apply_deltas(clip, res.params, 0.0)
+        c = z.encode_from_tokens(z.tokenize(HELD_UNSAFE[0]), return_pooled=True)[1]
+    nums["held_unsafe_pooled_rel"] = ST.relative_l2(b, a)
+    for k, v in nums.items():
+        record_property(k, v)
+    log.warning("safe text encoder SDXL: %s", {k: round(v, 4) for k, v in nums.items()})
+    assert torch.equal(a, c)  # strength 0 = original, pooled output included
+    assert nums["held_unsafe_pooled_rel"] > 0
+    for split in ("train", "held"):
+        assert nums[f"{split}_unsafe_cos"] < SDXL_UNSAFE_COS_MAX, nums
+        assert nums[f"{split}_safe_rel"] < SDXL_SAFE_REL_MAX, nums
+        assert (1 - nums[f"{split}_unsafe_cos"]) > (1 - nums[f"{split}_safe_cos"]), nums
