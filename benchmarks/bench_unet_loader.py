@@ -429,7 +429,7 @@ def main() -> int:
     out("  A's +step/+live include the same forward-pass effects (allocator-retained workspace, torch "
         "kernel code paged in) on top of its weights: they are not specific to either loader.")
     ok = all(s["equal_work"] for s in summary.values())
-    out(f"equal work: max |B - A| over all runs = "
+    out("equal work: max |B - A| over all runs = "
         + ", ".join(f"{v} {summary[v]['max_abs_diff_B_vs_A']:.2e}" for v in VARIANTS)
         + f" (tol {EQUIV_TOL:g}; A runs among themselves: "
         + ", ".join(f"{summary[v]['max_abs_diff_between_A_runs']:.1e}" for v in VARIANTS)

@@ -15,7 +15,7 @@ log = logging.getLogger("safegen")
 
 NODE_PREFIX = "SafeGen_"
 CATEGORY = "SafeGen"
-_MODULES = ("unet_loader", "inversion", "guidance", "safe_text_encoder", "safety_check")
+_MODULES = ("unet_loader", "inversion", "guidance", "safe_text_encoder", "safety_check", "erasers")
 
 
 def _collect() -> list[type[io.ComfyNode]]:

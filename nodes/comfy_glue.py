@@ -160,6 +160,61 @@ def trainable(*patchers):
                 t.requires_grad_(True)
 
 
+class DeltaHooks:
+    """Train weight *deltas* of a loaded ComfyUI model without touching its weights: while active
+    (inside :func:`trainable`), each tensor named in ``deltas`` (a key relative to ``root``, e.g.
+    ``input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`` under a UNet, or
+    ``clip_l.transformer.text_model.encoder.layers.11.mlp.fc1.weight`` under a CLIP's model)
+    computes as ``w + delta`` when ``enabled`` and as ``w`` (the frozen original) otherwise.
+
+    Uses ComfyUI's per-module weight_function/bias_function lists (the hook that
+    ``ModelPatcher.add_weight_wrapper`` installs); the lists in place before are restored on exit.
+    One implementation for the erasers (UNet) and the Safe Text Encoder Trainer (CLIP)."""
+
+    def __init__(self, root: torch.nn.Module, deltas: dict[str, torch.Tensor]):
+        self.unet, self.deltas = root, deltas
+        self.enabled = True
+        self._saved = []
+
+    def _hook(self, d):
+        def f(w):
+            return w + d.to(w.device, w.dtype) if self.enabled else w
+        return f
+
+    def __enter__(self):
+        try:
+            for key, d in self.deltas.items():
+                path, attr = key.rsplit(".", 1)
+                mod = self.unet.get_submodule(path)
+                lst = "weight_function" if attr == "weight" else "bias_function"
+                if not hasattr(mod, lst):
+                    raise ValueError(f"{key}: module {type(mod).__name__} is not a ComfyUI op (no {lst})")
+                hook = self._hook(d)
+                self._saved.append((mod, lst, mod.__dict__.get(lst, None), hook))
+                setattr(mod, lst, list(getattr(mod, lst)) + [hook])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def check(self) -> None:
+        """Raise if ComfyUI re-loaded the model meanwhile and dropped the hook entries (it resets
+        the lists when it re-patches a model in low-VRAM mode): training would silently stop."""
+        lost = [lst for mod, lst, _, hook in self._saved if hook not in getattr(mod, lst, [])]
+        if lost:
+            raise RuntimeError(f"{len(lost)} training hook(s) were removed by a model reload; free memory "
+                               f"(or use --highvram) and run again")
+
+    def __exit__(self, *exc):
+        for mod, lst, prev, _ in reversed(self._saved):
+            if prev is None:
+                mod.__dict__.pop(lst, None)
+            else:
+                setattr(mod, lst, prev)
+        self._saved = []
+        self.enabled = True
+
+
 def checkpoint_dir(kind: str, name: str) -> str:
     """Where a trainer keeps resumable checkpoints: output/safegen_checkpoints/<kind>/<name>
     (not under models/, whose loaders would list them)."""

@@ -10,14 +10,12 @@ state-dict names; applying it is a plain ``add_patches({key: ("diff", (delta,))}
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
 import torch
 
 import comfy.model_management as mm
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -109,44 +107,6 @@ def encode_each(clip, prompts: list[str]) -> list[torch.Tensor]:
     return out
 
 
-# --------------------------------------------------------------------------- deltas in the forward
-def _module_for(clip, key: str):
-    path, attr = key.rsplit(".", 1)
-    return comfy.utils.get_attr(clip.patcher.model, path), attr
-
-
-class _Switch:
-    on = True
-
-
-@contextlib.contextmanager
-def deltas_in_forward(clip, deltas: dict[str, torch.Tensor]):
-    """While active (inside ``trainable``), each key's module computes with ``w + delta``.
-
-    Uses ComfyUI's per-module weight_function/bias_function lists (what add_weight_wrapper
-    installs); the lists in place before are restored afterwards. Yields a switch: set
-    ``.on = False`` to encode with the original weights meanwhile."""
-    saved = []
-    switch = _Switch()
-    try:
-        for key, d in deltas.items():
-            mod, attr = _module_for(clip, key)
-            lst_name = "weight_function" if attr == "weight" else "bias_function"
-            if not hasattr(mod, lst_name):
-                raise ValueError(f"{key}: module {type(mod).__name__} has no {lst_name} (not a ComfyUI op)")
-            prev = mod.__dict__.get(lst_name, None)
-            saved.append((mod, lst_name, prev))
-            setattr(mod, lst_name, list(getattr(mod, lst_name))
-                    + [lambda w, _d=d: w + _d.to(w.dtype) if switch.on else w])
-        yield switch
-    finally:
-        for mod, lst_name, prev in reversed(saved):
-            if prev is None:
-                mod.__dict__.pop(lst_name, None)
-            else:
-                setattr(mod, lst_name, prev)
-
-
 # --------------------------------------------------------------------------- training
 def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=100, lr=1e-5,
                    layers=ST.LAYER_CHOICES[0], batch_size=4, seed=0, checkpoint_every=0, keep_checkpoints=2,
@@ -179,17 +139,17 @@ def train_safetext(clip, unsafe: list[str], safe: list[str], *, lam=1.0, steps=1
                 news = encode_each(clip, [prompts[i] for i in prompts_idx])
                 new = torch.cat([x.reshape(-1, x.shape[-1]) for x in news])[None]
                 if not cache_originals:  # naive: the frozen encoder runs again every step
-                    switch.on = False
+                    hooks.enabled = False
                     try:
                         with torch.no_grad():
                             origs = dict(zip(prompts_idx, encode_each(clip, [prompts[i] for i in prompts_idx])))
                     finally:
-                        switch.on = True
+                        hooks.enabled = True
                 # per-chunk layout is preserved, so BOS positions stay at multiples of 77
                 ref = torch.cat([origs[i].reshape(-1, origs[i].shape[-1]) for i in prompts_idx])[None]
                 return new, ref
 
-            with deltas_in_forward(clip, params) as switch:
+            with G.DeltaHooks(clip.patcher.model, params) as hooks:
                 def loss_fn(step, g):
                     iu, is_ = pick(len(unsafe), g), pick(len(safe), g)
                     u_new, u_ref = enc(iu, unsafe, orig_u)

@@ -185,9 +185,9 @@ def test_checkpoint_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
 # The tiny SDXL checkpoint's encoders are full-size and random. Its conditioning is the *penultimate*
 # layer of both encoders (no final norm), so "final layers (last 2)" trains layers 9-10 of CLIP-L and
 # 29-30 of CLIP-G. A short run (8 steps, lr 5e-4, 2+2 prompts per step) keeps the test under ~2 min;
-# the targets below are looser than SD1's 20-step run and stated here.
-SDXL_UNSAFE_COS_MAX = 0.99
-SDXL_SAFE_REL_MAX = 0.35
+# measured (2 cores): unsafe cos 0.946 train / 0.956 held-out, safe rel 0.257 / 0.264; targets below.
+SDXL_UNSAFE_COS_MAX = 0.975
+SDXL_SAFE_REL_MAX = 0.30
 
 
 @pytest.mark.sdxl
