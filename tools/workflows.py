@@ -187,13 +187,30 @@ def safe_pipeline():
     return g
 
 
+def esd_eraser():
+    """ESD-x erases a concept; the partial file lands in models/diffusion_models for the loader."""
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
+    er = g.add("SafeGen_ESDConceptEraser", model=ck[0], clip=ck[1], concept=CONCEPT, variant="x", eta=1.0,
+               steps=200, learning_rate=5e-5, seed=0, sampling_steps=50, start_guidance=3.0, resolution=512,
+               xt_sampler="erased", name="esd_nudity", checkpoint_every=50, keep_checkpoints=2, preview_every=0,
+               resume=True, vae=ck[2])
+    pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
+    _sample(g, er[0], ck[1], ck[2], pos[0], neg[0], "esd_erased")
+    g.add("PreviewImage", images=er[1])
+    g.add("PreviewAny", source=er[2], preview="")
+    return g
+
+
 WORKFLOWS = {
     "txt2img_unlearned": (txt2img_unlearned, "txt2img with an unlearned UNet beside the base model"),
-    "inversion_training": (inversion_training, "concept inversion on an unlearned UNet -> implicit negative embedding"),
+    "inversion_training": (inversion_training,
+                           "concept inversion on an unlearned UNet -> implicit negative embedding"),
     "ine_sld": (ine_sld, "unlearned UNet + SLD guided by an implicit negative embedding"),
     "safree": (safree, "unlearned UNet + SAFREE prompt filter (with INE) + latent re-attention"),
     "safe_text_encoder": (safe_text_encoder, "SafeText alignment of the text encoder, then txt2img"),
     "safety_check": (safety_check, "txt2img -> NudeNet Safety Check (censored, flags)"),
+    "esd_eraser": (esd_eraser, "ESD concept eraser -> erased MODEL + partial file for the loader"),
     "safe_pipeline": (safe_pipeline, "the demo: unlearned UNet -> inversion -> INE + SLD -> safety check"),
 }
 
@@ -223,6 +240,8 @@ def adapt(api: dict, files: dict[str, str] | None = None, small: bool = False) -
             i.update(steps=2, resolution=64, checkpoint_every=0, resume=False)
         if ct == "SafeGen_SafeTextEncoderTrainer":
             i.update(steps=2)
+        if ct == "SafeGen_ESDConceptEraser":
+            i.update(steps=2, sampling_steps=4, resolution=64, checkpoint_every=0, resume=False)
         if ct in ("SafeGen_SLDGuidance",):
             i["warmup_steps"] = 0
         if ct == "SafeGen_SAFREEPromptFilter":

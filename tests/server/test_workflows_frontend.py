@@ -71,7 +71,7 @@ def model_files(comfy_server, tmp_path_factory):
 
 # order: inversion_training makes models/embeddings/ine_nudity.safetensors for ine_sld and safree
 RUN_ORDER = ["txt2img_unlearned", "inversion_training", "ine_sld", "safree", "safe_text_encoder",
-             "safety_check", "safe_pipeline"]
+             "safety_check", "esd_eraser", "safe_pipeline"]
 
 
 def test_run_order_covers_all():

@@ -33,7 +33,7 @@ async function convert(page, file) {
     }
     const wf = window.app.graph.serialize();
     wf.extra = wf.extra || {};
-    wf.extra.ds = { scale: 0.6, offset: [0, 0] };
+    wf.extra.ds = { scale: 0.6, offset: [40, 60] };
     return wf;
   });
 }
