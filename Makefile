@@ -15,7 +15,7 @@ test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) tools/demo.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(UNLEARNED),--unlearned "$(UNLEARNED)") $(if $(OUT),--out "$(OUT)")
+	$(PY) tools/demo.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(UNLEARNED),--unlearned "$(UNLEARNED)") $(if $(OUT),--out "$(OUT)") $(if $(TRAIN_STEPS),--train-steps $(TRAIN_STEPS))
 
 bench: setup
 	$(PY) benchmarks/run_all.py

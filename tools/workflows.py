@@ -88,16 +88,21 @@ def _concept_images(g, ck, n=4, size=512, steps=30):
                    batch=n, save=False)
 
 
+def _inversion(g, ck, un, name, steps, checkpoint_every):
+    """Concept Inversion Trainer on the unlearned MODEL ``un`` with concept images from the base."""
+    imgs = _concept_images(g, ck)
+    return g.add("SafeGen_ConceptInversionTrainer", model=un[0], clip=ck[1], vae=ck[2], images=imgs[0],
+                 name=name, num_vectors=1, init_text="person", template="{}", steps=steps,
+                 learning_rate=0.005, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5, negative_text="",
+                 checkpoint_every=checkpoint_every, keep_checkpoints=2, preview_every=0, resume=True,
+                 image_folder="", resolution=512)
+
+
 def inversion_training():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
-    imgs = _concept_images(g, ck)
-    tr = g.add("SafeGen_ConceptInversionTrainer", model=un[0], clip=ck[1], vae=ck[2], images=imgs[0],
-               name="ine_nudity", num_vectors=1, init_text="person", template="{}", steps=500,
-               learning_rate=0.005, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5, negative_text="",
-               checkpoint_every=100, keep_checkpoints=2, preview_every=0, resume=True, image_folder="",
-               resolution=512)
+    tr = _inversion(g, ck, un, "ine_nudity", steps=500, checkpoint_every=100)
     g.add("PreviewImage", images=tr[1])
     g.add("PreviewAny", source=tr[2], preview="")
     return g
@@ -165,12 +170,7 @@ def safe_pipeline():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
-    imgs = _concept_images(g, ck)
-    tr = g.add("SafeGen_ConceptInversionTrainer", model=un[0], clip=ck[1], vae=ck[2], images=imgs[0],
-               name="ine_pipeline", num_vectors=1, init_text="person", template="{}", steps=200,
-               learning_rate=0.005, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5, negative_text="",
-               checkpoint_every=50, keep_checkpoints=2, preview_every=0, resume=True, image_folder="",
-               resolution=512)
+    tr = _inversion(g, ck, un, "ine_pipeline", steps=200, checkpoint_every=50)
     ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=ck[1], embedding_name="(from input)", embedding=tr[0],
                 text="{}", strength=1.0)
     sld = g.add("SafeGen_SLDGuidance", model=un[0], safety=ine[0], preset="medium", warmup_steps=10,
