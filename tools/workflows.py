@@ -108,12 +108,18 @@ def inversion_training():
     return g
 
 
-def ine_sld():
-    g = Graph()
+def _unlearned_and_ine(g):
+    """Checkpoint -> Unlearned UNet Loader, and the implicit negative embedding file for its CLIP."""
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
     ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=ck[1], embedding_name=EMBEDDING, text="{}",
                 strength=1.0)
+    return ck, un, ine
+
+
+def ine_sld():
+    g = Graph()
+    ck, un, ine = _unlearned_and_ine(g)
     sld = g.add("SafeGen_SLDGuidance", model=un[0], safety=ine[0], preset="medium", warmup_steps=10,
                 guidance_scale=1000.0, threshold=0.01, momentum_scale=0.3, momentum_beta=0.4)
     pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
@@ -124,10 +130,7 @@ def ine_sld():
 def safree():
     from safegen_core.safree import NUDITY_CONCEPTS as DEFAULT_TOXIC_CONCEPTS
     g = Graph()
-    ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
-    un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
-    ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=ck[1], embedding_name=EMBEDDING, text="{}",
-                strength=1.0)
+    ck, un, ine = _unlearned_and_ine(g)
     re = g.add("SafeGen_SAFREEReattention", model=un[0], b1=1.0, b2=1.0, s1=0.9, s2=0.2, start_percent=0.0,
                end_percent=1.0)
     flt = g.add("SafeGen_SAFREEPromptFilter", clip=ck[1], text=PROMPT, toxic_concepts="\n".join(DEFAULT_TOXIC_CONCEPTS),
