@@ -288,7 +288,7 @@ class Builder:
 
     def vae(self):
         vae = self._new_vae()
-        vae.load_state_dict(torch.load(self.path("vae.pt"))["state_dict"])
+        vae.load_state_dict(torch.load(self.path("vae.pt"), weights_only=True)["state_dict"])
         return vae.eval()
 
     def stage_latents(self):
@@ -422,8 +422,8 @@ class Builder:
         if out.exists():
             return
         r = self.r
-        lat = torch.load(self.path("latents.pt"))["x0"]
-        txt = torch.load(self.path("text.pt"))
+        lat = torch.load(self.path("latents.pt"), weights_only=True)["x0"]
+        txt = torch.load(self.path("text.pt"), weights_only=True)
         cond = txt["cond"]
         cap = torch.from_numpy(self.data()["tr_cap"])
         unet = self._new_unet()
@@ -431,7 +431,7 @@ class Builder:
         opt = torch.optim.AdamW(unet.parameters(), lr=r["unet_lr"], weight_decay=0.0)
         start, losses, elapsed_before = 0, [], 0.0
         if state_path.exists():  # resume
-            st = torch.load(state_path)
+            st = torch.load(state_path, weights_only=True)
             unet.load_state_dict(st["unet"])
             ema.load_state_dict(st["ema"])
             opt.load_state_dict(st["opt"])
@@ -557,7 +557,7 @@ class Builder:
 
         unet = self._new_unet()
         src = self.path("unet.pt") if self.path("unet.pt").exists() else self.path("unet_partial.pt")
-        unet.load_state_dict(torch.load(src)["ema"])
+        unet.load_state_dict(torch.load(src, weights_only=True)["ema"])
         path = self._write_model(unet)
         _comfy()
         import comfy.model_detection
@@ -569,7 +569,7 @@ class Builder:
         if type(mc) is not comfy.supported_models.SD15:
             raise RuntimeError(f"world UNet detected as {type(mc).__name__}, expected SD15")
         det = Detector()
-        det.load_state_dict(torch.load(self.path("detector.pt"))["state_dict"])
+        det.load_state_dict(torch.load(self.path("detector.pt"), weights_only=True)["state_dict"])
         det.save(
             self.assets_dir / A.detector_path().name,
             metadata={
