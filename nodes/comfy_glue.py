@@ -172,7 +172,7 @@ class DeltaHooks:
     One implementation for the erasers (UNet) and the Safe Text Encoder Trainer (CLIP)."""
 
     def __init__(self, root: torch.nn.Module, deltas: dict[str, torch.Tensor]):
-        self.unet, self.deltas = root, deltas
+        self.root, self.deltas = root, deltas
         self.enabled = True
         self._saved = []
 
@@ -185,7 +185,7 @@ class DeltaHooks:
         try:
             for key, d in self.deltas.items():
                 path, attr = key.rsplit(".", 1)
-                mod = self.unet.get_submodule(path)
+                mod = self.root.get_submodule(path)
                 lst = "weight_function" if attr == "weight" else "bias_function"
                 if not hasattr(mod, lst):
                     raise ValueError(f"{key}: module {type(mod).__name__} is not a ComfyUI op (no {lst})")
