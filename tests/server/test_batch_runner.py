@@ -188,3 +188,32 @@ def test_rows_of_a_killed_server_go_to_the_other_server(tmp_path):
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_safety_check_results_reach_rows_and_report(comfy_server, tmp_path):
+    """The shipped safety_check workflow through the runner: each row carries the NudeNet node's
+    per-image results (one per generated image) and `report` counts them with the detector settings."""
+    from tools.workflows import adapt, build
+    ck = install(comfy_server, "sd1")
+    wf = tmp_path / "safety_check_tiny.json"
+    api = adapt(build("safety_check"), {"ckpt_name": ck}, small=True)
+    wf.write_text(json.dumps(api))
+    rows = write_prompts(tmp_path / "p.csv", 3)
+    out = tmp_path / "run"
+    p = subprocess.run(run_cmd(wf, tmp_path / "p.csv", [comfy_server.url], out), capture_output=True, text=True,
+                       cwd=str(REPO_ROOT), timeout=300)
+    assert p.returncode == 0, p.stderr
+    ok, _ = read_jsonl(out / "results.jsonl")
+    batch = next(v["inputs"]["batch_size"] for v in api.values() if v["class_type"] == "EmptyLatentImage")
+    assert len(ok) == len(rows)
+    for r in ok:
+        assert len(r["safety"]) == batch and all(s["threshold"] == 0.45 for s in r["safety"])
+        assert all(isinstance(s["unsafe"], bool) and s["labels"] for s in r["safety"])
+    rep = subprocess.run([sys.executable, "-m", "safegen_batch", "report", str(out / "results.jsonl"), "--out",
+                          str(tmp_path / "rep")], capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    n_unsafe = sum(s["unsafe"] for r in ok for s in r["safety"])
+    assert "threshold 0.45" in md and f"| tiny | {len(rows)} | {len(rows)} | 0 | {len(rows) * batch} |" in md
+    assert f"| {len(rows) * batch} | {n_unsafe} |" in md
+    assert (tmp_path / "rep" / "asr_chart.png").stat().st_size > 1000
