@@ -259,7 +259,7 @@ class Builder:
             if time.time() - t0 > r["vae_max_minutes"] * 60:
                 log.warning("vae: time cap reached after %d steps", steps_done)
                 break
-        vae.eval()
+        vae.train(False)
         _fp16_round(vae)
         # latent statistics -> vae_scale / vae_shift (scalars, ComfyUI's TAESD parameters)
         with torch.no_grad():
@@ -289,7 +289,7 @@ class Builder:
     def vae(self):
         vae = self._new_vae()
         vae.load_state_dict(torch.load(self.path("vae.pt"), weights_only=True)["state_dict"])
-        return vae.eval()
+        return vae.train(False)
 
     def stage_latents(self):
         out = self.path("latents.pt")
@@ -372,7 +372,7 @@ class Builder:
             if time.time() - t1 > r["det_max_minutes"] * 60:
                 log.warning("detector: time cap reached after %d steps", steps_done)
                 break
-        det.eval()
+        det.train(False)
         _fp16_round(det)
         acc_clean = accuracy(det, d["te_img"], d["te_col"], d["te_shp"], d["te_bg"])
         acc_rec = accuracy(det, rec_te_u8.permute(0, 2, 3, 1).numpy(), d["te_col"], d["te_shp"], d["te_bg"])

@@ -94,7 +94,7 @@ class Detector(nn.Module):
     def detect(self, images, batch: int = 256) -> dict:
         """Per-image results: concept_prob (float), flagged (bool), colour/shape/background (names)."""
         was = self.training
-        self.eval()
+        self.train(False)
         x = self.to_input(images)
         outs = [self(x[i : i + batch]) for i in range(0, x.shape[0], batch)]
         self.train(was)
@@ -139,12 +139,12 @@ class Detector(nn.Module):
         sd = load_file(str(path))
         det.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         det.metadata = meta
-        return det.eval()
+        return det.train(False)
 
 
 def accuracy(det: Detector, images, colour, shape, background, batch: int = 256) -> dict:
     """Held-out accuracies of every head on uint8/float images with integer labels (numpy or torch)."""
-    det.eval()
+    det.train(False)
     x = det.to_input(images)
     labels = {
         "colour": torch.as_tensor(colour),
