@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import workers  # noqa: E402
 
 
 def out(s: str = "") -> None:
@@ -55,9 +56,8 @@ def worker(arm: str, steps: str, batch: str, threads: str, kind: str, save: str)
                                    cache_originals=(arm == "cached"))
         dt = time.perf_counter() - t0
     torch.save({k: v.clone() for k, v in res.params.items()}, save)
-    sys.stdout.write("RESULT " + json.dumps({"arm": arm, "seconds": dt, "steps": int(steps),
-                                             "steps_per_s": int(steps) / dt, "threads": torch.get_num_threads(),
-                                             "prompts": [len(U), len(S)]}) + "\n")
+    workers.emit({"arm": arm, "seconds": dt, "steps": int(steps), "steps_per_s": int(steps) / dt,
+                  "threads": torch.get_num_threads(), "prompts": [len(U), len(S)]})
 
 
 def main() -> int:
@@ -78,14 +78,9 @@ def main() -> int:
             saved = {}
             for arm in ("naive", "cached"):
                 path = os.path.join(td, f"{arm}_{i}.pt")
-                p = subprocess.run([sys.executable, __file__, "--worker", arm, str(a.steps), str(a.batch),
-                                    str(a.threads), a.kind, path], cwd=str(REPO), capture_output=True, text=True,
-                                   timeout=1800)
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                if p.returncode != 0 or not lines:
-                    raise RuntimeError(f"worker {arm} failed:\n{p.stderr[-3000:]}")
-                res[arm].append(json.loads(lines[-1][7:]))
-                saved[arm] = torch.load(path)
+                res[arm].append(workers.run_worker(__file__, arm, a.steps, a.batch, a.threads, a.kind, path,
+                                                   timeout=1800))
+                saved[arm] = torch.load(path, weights_only=True)
             diffs.append(max(float((saved["naive"][k] - saved["cached"][k]).abs().max()) for k in saved["cached"]))
     med = {arm: statistics.median(r["steps_per_s"] for r in rs) for arm, rs in res.items()}
     ratio = med["cached"] / med["naive"]
@@ -104,7 +99,8 @@ def main() -> int:
               "steps_per_s": med, "speedup": ratio, "max_abs_diff": max(diffs), "runs": res, "wall_seconds": wall,
               "loadavg": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     Path(a.json).write_text(json.dumps(report, indent=1))
-    out(f"wrote {Path(a.json).relative_to(REPO)} (wall {wall:.0f} s)")
+    jp = Path(a.json).resolve()
+    out(f"wrote {jp.relative_to(REPO) if jp.is_relative_to(REPO) else jp} (wall {wall:.0f} s)")
     return 0 if max(diffs) <= 1e-5 else 1
 
 

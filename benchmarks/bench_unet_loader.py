@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import workers  # noqa: E402
 
 STRENGTH = 0.7
 VARIANTS = ("esd-x", "uce")
@@ -194,7 +195,7 @@ def worker(arm: str, weights: str, ckpt: str, pred_out: str, latent: str, thread
         "unet_dtype": unet_dtype,
         "torch_threads": torch.get_num_threads(),
     }
-    sys.stdout.write("RESULT " + json.dumps(res) + "\n")
+    workers.emit(res)
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,14 +284,7 @@ def sd15_scale() -> dict | None:
 # ------------------------------------------------------------------------------------------
 
 def run_worker(arm: str, weights: str, ckpt: str, pred_out: str, latent: int, threads: int) -> dict:
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    p = subprocess.run([sys.executable, __file__, "--worker", arm, weights, ckpt, pred_out,
-                        str(latent), str(threads)],
-                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {arm} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return workers.run_worker(__file__, arm, weights, ckpt, pred_out, latent, threads)
 
 
 def mb(b) -> str:
