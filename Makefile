@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-unit demo bench clean
+.PHONY: setup test test-unit demo bench bench-world clean
 
 setup:
 	@bash tools/provision.sh
@@ -19,6 +19,10 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# Every defence in the miniature world through a real server (issue 8); BENCH_ARGS e.g. --retrain
+bench-world: setup
+	$(PY) benchmarks/bench_world.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache demo_out artifacts
