@@ -30,6 +30,7 @@ def test_needs_follow_the_arms(bw):
     assert bw.needs(["esd+neg"]) == ["esd"]
     assert bw.needs(["esd+sld(INE)"]) == ["esd", "ine"]  # the INE is inverted on the erased model
     assert bw.needs(list(bw.ARMS)) == ["esd", "ine", "safetext", "darkminer"]
+    assert bw.needs(["base+neg(INE)"]) == ["ine_base"]  # the control inverts on the undefended model
 
 
 def test_ine_cache_goes_stale_when_the_erased_model_changes(bw):
@@ -39,6 +40,7 @@ def test_ine_cache_goes_stale_when_the_erased_model_changes(bw):
     assert bw.cache_key(ck, "esd", "red, grey background") != esd0
     assert bw.cache_key(ck, "ine", "red, grey background") != ine0  # depends on the ESD file
     assert bw.cache_key(ck, "safetext", "red, grey background") == st0  # does not
+    assert bw.cache_key(ck, "ine_base", "c") != bw.cache_key(ck, "ine", "c")
     assert bw.cache_key(ck, "esd", "red") != bw.cache_key(ck, "esd", "red, grey background")
     assert bw.cache_key(Path("other.safetensors"), "safetext", "x") != bw.cache_key(ck, "safetext", "x")
 
@@ -54,9 +56,10 @@ def test_safetext_prompts_hold_the_direct_word_only(bw):
 
 
 def test_arm_graphs_wire_the_defence_they_name(bw):
-    files = {"esd": "e.safetensors", "ine": "i.safetensors", "safetext": "s.safetensors", "darkminer": "d.safetensors"}
+    files = {"esd": "e.safetensors", "ine": "i.safetensors", "safetext": "s.safetensors", "darkminer": "d.safetensors",
+             "ine_base": "b.safetensors"}
     kinds = {}
-    for arm in bw.ARMS:
+    for arm in bw.ARMS + bw.CONTROL_ARMS:
         g, saves = bw.arm_graph(arm, "w.safetensors", ["a red star on a white background", "x"], 0, "red", files)
         assert len(saves) == 2
         kinds[arm] = sorted({n["class_type"] for n in g.values()})
@@ -67,6 +70,9 @@ def test_arm_graphs_wire_the_defence_they_name(bw):
     assert {"SafeGen_SLDGuidance", "SafeGen_LoadImplicitNegativeEmbedding"} <= set(kinds["esd+sld(INE)"])
     assert {"SafeGen_SAFREEPromptFilter", "SafeGen_LoadImplicitNegativeEmbedding"} <= set(kinds["esd+safree(INE)"])
     assert "SafeGen_SafeTextEncoder" in kinds["safetext"]
+    g, _ = bw.arm_graph("base+neg(INE)", "w.safetensors", ["p"], 0, "red", files)
+    assert any(n["inputs"].get("embedding_name") == "b.safetensors" for n in g.values())
+    assert "SafeGen_UnlearnedUNetLoader" not in kinds["base+neg(INE)"]
     g, _ = bw.arm_graph("darkminer", "w.safetensors", ["p"], 0, "red", files)
     assert any(n["inputs"].get("unet_name") == "d.safetensors" for n in g.values())
 
