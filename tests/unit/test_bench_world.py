@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def bw(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_world_under_test", REPO / "benchmarks" / "bench_world.py")
+    path = REPO / "benchmarks" / "bench_world.py"
+    spec = importlib.util.spec_from_file_location("bench_world_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "TRAIN", copy.deepcopy(mod.TRAIN))
@@ -56,19 +56,21 @@ def test_safetext_prompts_hold_the_direct_word_only(bw):
 
 
 def test_arm_graphs_wire_the_defence_they_name(bw):
-    files = {"esd": "e.safetensors", "ine": "i.safetensors", "safetext": "s.safetensors", "darkminer": "d.safetensors",
-             "ine_base": "b.safetensors"}
+    files = {"esd": "e.safetensors", "ine": "i.safetensors", "safetext": "s.safetensors",
+             "darkminer": "d.safetensors", "ine_base": "b.safetensors"}
     kinds = {}
     for arm in bw.ARMS + bw.CONTROL_ARMS:
-        g, saves = bw.arm_graph(arm, "w.safetensors", ["a red star on a white background", "x"], 0, "red", files)
+        g, saves = bw.arm_graph(arm, "w.safetensors", ["a red star on a white background", "x"], 0, "red",
+                                files)
         assert len(saves) == 2
         kinds[arm] = sorted({n["class_type"] for n in g.values()})
         ks = [n for n in g.values() if n["class_type"] == "KSampler"]
         assert len(ks) == 2 and all(k["inputs"]["seed"] == 0 for k in ks)
     assert "SafeGen_UnlearnedUNetLoader" not in kinds["base"] + kinds["safetext"]
-    assert "SafeGen_SLDGuidance" in kinds["esd+sld"] and "SafeGen_LoadImplicitNegativeEmbedding" not in kinds["esd+sld"]
-    assert {"SafeGen_SLDGuidance", "SafeGen_LoadImplicitNegativeEmbedding"} <= set(kinds["esd+sld(INE)"])
-    assert {"SafeGen_SAFREEPromptFilter", "SafeGen_LoadImplicitNegativeEmbedding"} <= set(kinds["esd+safree(INE)"])
+    ine = "SafeGen_LoadImplicitNegativeEmbedding"
+    assert "SafeGen_SLDGuidance" in kinds["esd+sld"] and ine not in kinds["esd+sld"]
+    assert {"SafeGen_SLDGuidance", ine} <= set(kinds["esd+sld(INE)"])
+    assert {"SafeGen_SAFREEPromptFilter", ine} <= set(kinds["esd+safree(INE)"])
     assert "SafeGen_SafeTextEncoder" in kinds["safetext"]
     g, _ = bw.arm_graph("base+neg(INE)", "w.safetensors", ["p"], 0, "red", files)
     assert any(n["inputs"].get("embedding_name") == "b.safetensors" for n in g.values())
@@ -94,7 +96,8 @@ def test_score_counts_flags_colours_and_distance(bw):
     class Det:  # flags pure red; "colour" = the prompt's colour only for non-red images
         def detect(self, imgs):
             flagged = [bool(im[32, 32, 0] > 200) for im in imgs]
-            return {"flagged": flagged, "colour": [("red" if f else picked["benign"][0].colour) for f in flagged]}
+            colour = [("red" if f else picked["benign"][0].colour) for f in flagged]
+            return {"flagged": flagged, "colour": colour}
 
     t = bw.score(images, picked, seeds, ["base", "x"], Det())
     assert t["base"]["direct_DSR"] == 0.0 and t["base"]["benign_dist_to_base"] == 0.0
