@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workers import load_note, loadavg  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "batch.json"
 TARGET_OVERHEAD = 1.10
 ARMS = ("inproc_t1", "server_t1", "inproc_t2", "server_t2", "two_servers_t1")
@@ -62,13 +64,6 @@ STYLES = ["photo", "oil painting", "watercolor", "sketch", "3d render"]
 def out(s: str = "") -> None:
     sys.stdout.write(s + "\n")
     sys.stdout.flush()
-
-
-def loadavg() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
 
 
 def prompt_rows(n: int) -> list[tuple[str, int]]:
@@ -332,10 +327,9 @@ def main(argv=None) -> int:
             + (f" (one server, 2 threads: {best['server_t2']['server_rss_mib'][0]:.0f} MiB)"
                if "server_t2" in best and best["server_t2"]["server_rss_mib"][0] else ""))
     loads = [x for arm in arms for r in runs[arm] for x in r["loadavg_1min"]]
-    ncpu = os.cpu_count() or 1
-    if loads and max(loads) > ncpu:
-        out(f"NOTE: the 1-min load average reached {max(loads):.1f} on {ncpu} CPUs: other jobs competed for "
-            "the cores; wall-time ratios are noisy")
+    note = load_note(loads, "wall-time ratios are noisy")
+    if note:
+        out(note)
 
     wall = time.perf_counter() - t_all
     import torch
@@ -351,7 +345,7 @@ def main(argv=None) -> int:
         "pass": {"overhead_t1": ok}, "best": best, "runs": runs,
         "max_loadavg_1min": max(loads) if loads else None, "wall_seconds": wall,
         "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "machine": platform.machine(), "cpus": ncpu},
+                 "machine": platform.machine(), "cpus": os.cpu_count()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     jp.write_text(json.dumps(report, indent=1) + "\n")

@@ -62,6 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workers import load_note, loadavg  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "guidance.json"
 TARGET_INE = 1.02   # ine / text per-step time must be <= this
 TARGET_SLD = 1.55   # sld / plain CFG per-step time must be <= this
@@ -272,13 +274,6 @@ def worker(arm: str, out_dir: str, threads: int, steps: int, samples: int, large
 # ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
-
-def loadavg() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
-
 
 def run_arm(arm: str, a, out_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", arm, "--out", out_dir,
@@ -498,9 +493,9 @@ def main(argv=None) -> int:
         if not verdict[f"sld_{L}"]:
             out(f"  {L}x{L} MISSES <= {TARGET_SLD}: the UNet alone went {table[('sld', L)]['unet_fastest'] / table[('text', L)]['unet_fastest']:.2f}x "
                 "for 1.5x the rows; the rest is the non-UNet overhead above and host noise (see loads).")
-    if loads and max(loads) > ncpu:
-        out(f"NOTE: the 1-min load average reached {max(loads):.1f} on {ncpu} CPUs: other jobs competed for the "
-            "cores, so wall times are noisy (fastest-process and cpu ratios are the steadier ones).")
+    note = load_note(loads, "wall times are noisy (fastest-process and cpu ratios are the steadier ones).")
+    if note:
+        out(note)
 
     wall = time.perf_counter() - t_all
     report = {

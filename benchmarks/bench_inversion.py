@@ -55,6 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workers import load_note, loadavg  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "inversion.json"
 TARGET_SPEED = 1.5   # ours/baseline steps/s must be >= this
 TARGET_RSS = 1.0     # ours/baseline peak RSS must be <= this
@@ -450,13 +452,6 @@ def _profile_text(prof, n: int = 30) -> str:
 
 
 # ---------------------------------------------------------------------------- driver
-def loadavg() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
-
-
 def run_arm(arm: str, args) -> dict:
     with tempfile.TemporaryDirectory() as td:
         out = os.path.join(td, f"{arm}.json")
@@ -573,10 +568,9 @@ def main(argv=None) -> int:
         f"loss first/last  baseline {base['first_loss']:.4f}/{base['last_loss']:.4f}  "
         f"ours {ours['first_loss']:.4f}/{ours['last_loss']:.4f}",
     ]
-    if loads and max(loads) > ncpu:
-        lines.append(f"NOTE: the 1-min load average reached {max(loads):.1f} on {ncpu} CPUs during the runs: "
-                     "other processes competed for the CPU, so wall-clock steps/s are noisy "
-                     "(CPU s/step less so).")
+    note = load_note(loads, "wall-clock steps/s are noisy (CPU s/step less so).")
+    if note:
+        lines.append(note)
     for arm in (base, ours):
         if "profile" in arm:
             lines.append(f"\n--- cProfile of the timed steps: {arm['arm']} ---\n{arm['profile']}")

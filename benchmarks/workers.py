@@ -26,3 +26,21 @@ def run_worker(script: str, *args, timeout: float = 300) -> dict:
         raise RuntimeError(f"worker {args[0] if args else ''} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n"
                            f"{p.stderr[-4000:]}")
     return json.loads(lines[-1][len(PREFIX):])
+
+
+def loadavg() -> float:
+    """The host's 1-minute load average (NaN where /proc/loadavg is missing)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def load_note(loads: list[float], what: str) -> str | None:
+    """A warning when the load average seen during the runs exceeded the CPU count; ``what`` says
+    which numbers that makes noisy."""
+    ncpu = os.cpu_count() or 1
+    if loads and max(loads) > ncpu:
+        return (f"NOTE: the 1-min load average reached {max(loads):.1f} on {ncpu} CPUs: other jobs competed "
+                f"for the cores; {what}")
+    return None
