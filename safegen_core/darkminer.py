@@ -55,6 +55,8 @@ Everything is reached through ``eps_fn(x, sigma, cond, erased)`` as in :mod:`saf
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -63,6 +65,7 @@ import torch
 
 from . import esd as ESD
 from .inversion import sample_batch
+from .weights_io import WeightFileError, read_weight_file, save_safetensors_atomic
 
 MAX_ROWS = 16  # rows per model call when scoring many prompts
 DEFAULT_ANCHORS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "benign_safe.txt")
@@ -221,7 +224,7 @@ def run_rounds(rounds: int, mine: Callable[[int], Mined], verify_fn: Callable[[M
                start_round: int = 1, on_round_done: Callable | None = None) -> tuple[list, list, str]:
     """The recurring process. ``mine(r)`` → Mined; ``verify_fn(mined)`` → Verdict on the current
     model; ``circumvent(r, pool)`` fine-tunes against every embedding in ``pool`` and returns its
-    losses. ``on_round_done(record, pool)`` is called after each round (to save a resumable state).
+    losses. ``on_round_done(records, pool)`` (all records so far) is called after each round (to save a resumable state).
 
     Returns (records, pool, reason) with reason "rounds done" or "mining failed in round r"."""
     pool = list(pool or [])
@@ -260,3 +263,60 @@ def summary(records: list) -> str:
                          f"{b.threshold:.5f} → {a.threshold:.5f}); erase loss last "
                          f"{rec.circumvent_losses[-1] if rec.circumvent_losses else float('nan'):.5f}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- round states (resume)
+def state_files(folder: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for fn in os.listdir(folder):
+        if fn.startswith("state_round_") and fn.endswith(".safetensors"):
+            try:
+                out.append((int(fn[len("state_round_"):-len(".safetensors")]), os.path.join(folder, fn)))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def save_round_state(folder, records, pool, deltas, fingerprint, keep: int) -> str:
+    """Write the state after a finished round (deltas, mined pool, records); keep the newest ``keep``."""
+    rec = records[-1]
+    tensors = {f"delta/{k}": v.detach() for k, v in deltas.items()}
+    for i, m in enumerate(pool):
+        for enc, v in m.vectors.items():
+            tensors[f"mined/{i}/{enc}"] = v.detach().float()
+    meta = {"round": str(rec.round), "fingerprint": json.dumps(fingerprint, sort_keys=True),
+            "records": json.dumps([r.to_json() for r in records]),
+            "mining_losses": json.dumps([m.loss for m in pool]), "format": "safegen-darkminer-state-1"}
+    path = os.path.join(folder, f"state_round_{rec.round:03d}.safetensors")
+    save_safetensors_atomic(tensors, path, meta)
+    for _, old in state_files(folder)[:-keep] if keep > 0 else []:
+        with contextlib.suppress(OSError):
+            os.remove(old)
+    return path
+
+
+def load_round_state(folder: str, fingerprint: dict, deltas: dict):
+    """(records, pool, next round) from the newest round state, or None. Refuses other settings."""
+    files = state_files(folder)
+    if not files:
+        return None
+    path = files[-1][1]
+    wf = read_weight_file(path)
+    saved = json.loads(wf.metadata.get("fingerprint", "{}"))
+    want = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if saved != want:
+        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        raise WeightFileError(f"{os.path.basename(path)}: Dark Miner state was made with different settings "
+                              f"({', '.join(diff)}); turn resume off or delete the folder {folder}")
+    with torch.no_grad():
+        for k, d in deltas.items():
+            d.copy_(wf.tensors[f"delta/{k}"])
+    losses = json.loads(wf.metadata.get("mining_losses", "[]"))
+    pool = []
+    for i, loss in enumerate(losses):
+        vec = {k.split("/")[2]: t for k, t in wf.tensors.items() if k.startswith(f"mined/{i}/")}
+        pool.append(Mined(vec, float(loss)))
+    records = [RoundRecord.from_json(r) for r in json.loads(wf.metadata.get("records", "[]"))]
+    return records, pool, int(wf.metadata["round"]) + 1

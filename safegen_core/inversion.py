@@ -11,8 +11,8 @@ Objectives
   embedding survives the defence that will be applied at sampling.
 
 Everything here works in k-diffusion terms (x = x0 + σ·ε, the convention of ComfyUI's
-samplers); the model is reached through a callable ``eps_fn(x, sigma, which) -> ε`` so this
-module needs no ComfyUI import.
+samplers); the caller runs the model and passes the predictions (``inversion_loss(objective, ε,
+ε(x_t, c*), ε(x_t, c_neg))``), so this module needs no ComfyUI import.
 """
 from __future__ import annotations
 
@@ -56,10 +56,8 @@ def inversion_loss(objective: str, eps, eps_cond, eps_neg=None, scale: float = 1
 
 def init_vectors(init_token_vectors: torch.Tensor, num_vectors: int, g: torch.Generator | None = None,
                  noise: float = 0.0) -> torch.Tensor:
-    """Initial n vectors from the token vectors of the init text (cycled if fewer than n).
-
-    With no init tokens the vectors are random with the typical norm of the vocabulary.
-    """
+    """Initial n vectors from the token vectors of the init text (cycled if fewer than n), plus
+    optional Gaussian ``noise`` (relative to their std). An init text with no tokens is an error."""
     if init_token_vectors is None or init_token_vectors.shape[0] == 0:
         raise ValueError("init text gave no tokens")
     reps = -(-num_vectors // init_token_vectors.shape[0])

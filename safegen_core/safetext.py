@@ -4,9 +4,10 @@ Comfy-free. Objective (SafeText, Hu et al. 2025, arXiv 2502.20623; no public cod
 
     L = L_u − λ · L_e
 
-* ``L_u`` (utility) = mean squared Euclidean distance between the fine-tuned and the cached
-  original embeddings of the SAFE prompts, averaged over tokens and feature dimensions
-  (i.e. the MSE of the conditioning tensors). Unbounded above, ≥ 0, minimised at "no change".
+* ``L_u`` (utility) = squared Euclidean distance between the fine-tuned and the cached original
+  embeddings of the SAFE prompts, relative to the originals' energy (mean over tokens of
+  ‖new − orig‖² / mean over tokens of ‖orig‖², see :func:`utility_loss`). Unbounded above, ≥ 0,
+  minimised at "no change".
 * ``L_e`` (effectiveness) = mean over the UNSAFE prompts' tokens of ``1 − cos(e', e)``, where
   ``e`` is the cached original token embedding. **Bounded form, by choice:** it lies in
   [0, 2], so ``L ≥ −2λ`` and the objective cannot run off to −∞ the way a raw distance

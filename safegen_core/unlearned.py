@@ -113,7 +113,8 @@ def plan_patches(file_shapes: dict[str, tuple], base_shapes: dict[str, tuple],
     """
     layout = detect_layout(file_shapes.keys())
     if layout == "lora":
-        raise WeightFileError(f"{name}: is a LoRA-style adapter; use plan_lora")
+        raise WeightFileError(f"{name}: is a LoRA-style adapter, not a UNet weight file; it is applied through "
+                              f"ComfyUI's LoRA code, not planned here")
     ignored, unmatched, mismatched, entries = [], [], [], []
     for fk, shape in file_shapes.items():
         if is_non_unet_key(fk):

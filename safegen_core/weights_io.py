@@ -125,32 +125,37 @@ def check_finite_file(path: str) -> None:
         raise WeightFileError(f"{_short(path)}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (keys, dtypes, shapes, bytes), independent of file layout."""
+def weights_fingerprint(state_dict: dict) -> str:
+    """Cheap content hash of weights (key, shape, sum, abs-sum per tensor): changes with any edit.
+    For settings fingerprints of whole models (a full hash of a UNet costs seconds)."""
     h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    for k, v in sorted(state_dict.items()):
+        v = v.detach().float()
+        h.update(f"{k}{tuple(v.shape)}{float(v.sum()):.6e}{float(v.abs().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
 
 
-def file_sha256(path: str, limit_bytes: int | None = None) -> str:
+def content_hash(obj) -> str:
+    """Exact hash of a tensor, a string, or a (nested) list/dict of them: equal content, equal hash."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = limit_bytes
-        while True:
-            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-                if left <= 0:
-                    break
-    return h.hexdigest()
+
+    def feed(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().float().cpu().contiguous()
+            h.update(f"T{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o):
+                h.update(f"K{k}".encode())
+                feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}".encode())
+            for x in o:
+                feed(x)
+        else:
+            h.update(f"S{o}".encode())
+    feed(obj)
+    return h.hexdigest()[:16]
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str,

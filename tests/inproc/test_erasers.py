@@ -21,6 +21,7 @@ Measured (all with fixed draws, so before/after comparisons are paired):
   the resumed run ends bit-identical to an uninterrupted one.
 """
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,9 +66,19 @@ def setup(one_thread):
     ck, _ = ensure()
     mp, clip, _vae, *_ = comfy.sd.load_checkpoint_guess_config(str(ck), output_vae=False, output_clip=True,
                                                                embedding_directory=[])
-    mods = {n: pack_module(p) for n, p in (("E", "nodes.erasers"), ("G", "nodes.comfy_glue"),
-                                          ("ESD", "safegen_core.esd"), ("DM", "safegen_core.darkminer"),
-                                          ("L", "nodes.unet_loader"))}
+    mods = {n: pack_module(p) for n, p in (("ESD", "safegen_core.esd"), ("DM", "safegen_core.darkminer"),
+                                          ("L", "safegen_comfy.unlearned"))}
+    esd, dm, text = (pack_module(f"safegen_comfy.{n}") for n in ("esd", "dark_miner", "text"))
+    mods["E"] = SimpleNamespace(
+        text_cond=esd.text_cond, esd_erase=esd.esd_erase, dark_miner=dm.dark_miner,
+        generate_concept_latents=dm.generate_concept_latents,
+        ESDConceptEraser=pack_module("nodes.esd").ESDConceptEraser,
+        DarkMinerEraser=pack_module("nodes.dark_miner").DarkMinerEraser,
+        save_round_state=mods["DM"].save_round_state, _state_files=mods["DM"].state_files,
+        load_round_state=mods["DM"].load_round_state)
+    mods["G"] = SimpleNamespace(predict_eps=pack_module("safegen_comfy.compat").predict_eps, encode=text.encode,
+                                model_sigmas=pack_module("safegen_comfy.common").model_sigmas,
+                                prompt_with_embedding=text.prompt_with_embedding)
     with torch.inference_mode():
         conds = {t: mods["E"].text_cond(clip, t) for t in (CONCEPT, OTHER, "")}
     return mp, clip, mods, conds
@@ -79,7 +90,7 @@ def dirs(tmp_path, monkeypatch, setup):
     fnp["diffusion_models"] = ([str(tmp_path / "dm")], {".safetensors"})
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", fnp)
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.setattr(setup[2]["G"], "checkpoint_dir",
+    monkeypatch.setattr(pack_module("safegen_comfy.common"), "checkpoint_dir",
                         lambda kind, name: str(tmp_path / "ck" / kind / name))
     return tmp_path
 

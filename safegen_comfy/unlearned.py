@@ -1,4 +1,4 @@
-"""Unlearned UNet Loader: apply concept-erased UNet weights to a MODEL as ModelPatcher patches.
+"""Unlearned UNet weights on a MODEL as ModelPatcher patches (the Unlearned UNet Loader's runtime).
 
 The cached base model is never modified (we clone the ModelPatcher and add patches) and no
 second copy of the UNet is kept: for safetensors files the patch reads each replaced tensor
@@ -18,11 +18,11 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy.weight_adapter.base import WeightAdapterBase
-from comfy_api.latest import io, ui
 
-from ..safegen_core import unlearned as U
+from ..safegen_core import unlearned as unlearned_core
 from ..safegen_core.weights_io import (SAFETENSORS_EXT, WeightFileError, check_finite, check_finite_file,
                                        list_keys, read_weight_file)
+from . import compat
 
 log = logging.getLogger("safegen")
 UNET_PREFIX = "diffusion_model."
@@ -65,14 +65,14 @@ class UnlearnedWeight(WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         # ``weight`` is ComfyUI's own float32 temporary copy: blend into it in place (no extra copy).
-        target = U.fit_to(self.source.get(), self.shape).to(weight.device, weight.dtype)
-        return U.blend_(weight, target, strength)
+        target = unlearned_core.fit_to(self.source.get(), self.shape).to(weight.device, weight.dtype)
+        return unlearned_core.blend_(weight, target, strength)
 
 
 def _lora_key_map(model) -> dict[str, str]:
     """ComfyUI's LoRA key map plus plain diffusers/PEFT module names (``unet.…attn2.to_k``)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    for dk, lk in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+    for dk, lk in _diffusers_map(model).items():
         if not dk.endswith(".weight"):
             continue
         base = dk[: -len(".weight")]
@@ -94,7 +94,7 @@ def _lora_module(k: str, key_map) -> str | None:
 
 
 def _diffusers_map(model) -> dict[str, str]:
-    return comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return comfy.utils.unet_to_diffusers(compat.unet_config(model))
 
 
 def apply_unlearned(model, path: str, strength: float):
@@ -104,7 +104,7 @@ def apply_unlearned(model, path: str, strength: float):
     # safetensors: read shapes from the header and check values one tensor at a time, so loading a
     # file never holds it whole in memory (patches read their tensor when ComfyUI applies them).
     wf = read_weight_file(path, lazy=is_st)
-    layout = U.detect_layout(wf.tensors.keys())
+    layout = unlearned_core.detect_layout(wf.tensors.keys())
     if layout == "lora" and is_st:
         wf = read_weight_file(path)  # adapters are small and ComfyUI's LoRA code needs the tensors
     if is_st and layout != "lora":
@@ -119,16 +119,16 @@ def apply_unlearned(model, path: str, strength: float):
     if layout == "lora":
         key_map = _lora_key_map(model)
         lora = comfy.lora_convert.convert_lora(wf.tensors)
-        te = [k for k in lora if U.is_non_unet_key(k)]
+        te = [k for k in lora if unlearned_core.is_non_unet_key(k)]
         unet_keys = [k for k in lora if k not in te]
         unmatched = [k for k in unet_keys if _lora_module(k, key_map) is None]
         if unmatched:
             raise WeightFileError(f"{name}: {len(unmatched)} LoRA key(s) match no UNet layer of the model: "
                                   f"{list_keys(unmatched)}")
         patches = comfy.lora.load_lora({k: lora[k] for k in unet_keys}, key_map, log_missing=False)
-        bad = [f"{k} {_lora_io(v)} vs model {tuple(base_sd[k].shape[:2])}"
-               for k, v in patches.items() if k in base_sd and _lora_io(v) is not None
-               and _lora_io(v) != tuple(base_sd[k].shape[:2])]
+        bad = [f"{k} {compat.lora_in_out(v)} vs model {tuple(base_sd[k].shape[:2])}"
+               for k, v in patches.items() if k in base_sd and compat.lora_in_out(v) is not None
+               and compat.lora_in_out(v) != tuple(base_sd[k].shape[:2])]
         if bad:
             raise WeightFileError(f"{name}: LoRA does not fit the model's UNet: {list_keys(bad, 5)}")
         added = m.add_patches(patches, strength)
@@ -139,15 +139,15 @@ def apply_unlearned(model, path: str, strength: float):
     else:
         dmap = _diffusers_map(model) if layout == "diffusers" else None
         shapes = {k: tuple(v) if isinstance(v, torch.Size) else tuple(v.shape) for k, v in wf.tensors.items()}
-        plan = U.plan_patches(shapes, base_shapes, dmap, name)
+        plan = unlearned_core.plan_patches(shapes, base_shapes, dmap, name)
         skipped = 0
         patches = {}
         # the base's own weights, even while a patched clone (sharing the module) is loaded
-        originals = model.get_key_patches(UNET_PREFIX) if plan.is_full else {}
+        originals = compat.base_weights(model, UNET_PREFIX) if plan.is_full else {}
         for e in plan.entries:
             src = _FileTensor(path, e.file_key, None if is_st else wf.tensors[e.file_key])
-            orig = originals[UNET_PREFIX + e.model_key][0][0] if plan.is_full else None
-            if orig is not None and torch.equal(U.fit_to(src.get(), e.shape).to(orig.dtype), orig):
+            orig = originals[UNET_PREFIX + e.model_key] if plan.is_full else None
+            if orig is not None and torch.equal(unlearned_core.fit_to(src.get(), e.shape).to(orig.dtype), orig):
                 skipped += 1  # identical to the base: no patch needed
                 continue
             patches[UNET_PREFIX + e.model_key] = UnlearnedWeight(src, e.shape)
@@ -158,17 +158,9 @@ def apply_unlearned(model, path: str, strength: float):
         if plan.ignored_non_unet:
             log.info("%s: %d non-UNet keys (text encoder / VAE) ignored: %s", name,
                      len(plan.ignored_non_unet), list_keys(plan.ignored_non_unet))
-    info["blocks"] = U.blocks_summary(keys)
+    info["blocks"] = unlearned_core.blocks_summary(keys)
     del wf
     return m, info
-
-
-def _lora_io(v):
-    """(out, in) features of a low-rank adapter, to check against the layer (ComfyUI only logs)."""
-    w = getattr(v, "weights", None)
-    if getattr(v, "name", "") == "lora" and w and w[0] is not None and w[1] is not None:
-        return (int(w[0].shape[0]), int(w[1].shape[1]))
-    return None
 
 
 def load_without_base(path: str, strength: float):
@@ -179,7 +171,7 @@ def load_without_base(path: str, strength: float):
                               f"connect one or set strength to 1")
     wf = read_weight_file(path)
     check_finite(wf.tensors, name)
-    layout = U.detect_layout(wf.tensors.keys())
+    layout = unlearned_core.detect_layout(wf.tensors.keys())
     if layout == "lora":
         raise WeightFileError(f"{name}: is a LoRA-style adapter; connect the base MODEL it was trained on")
     m = comfy.sd.load_diffusion_model_state_dict(wf.tensors, metadata=wf.metadata)
@@ -206,47 +198,18 @@ def format_info(info: dict) -> str:
     return "\n".join(parts)
 
 
-class UnlearnedUNetLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SafeGen_UnlearnedUNetLoader",
-            display_name="Unlearned UNet Loader",
-            category="SafeGen/unlearning",
-            description=(
-                "Applies a concept-erased (unlearned) UNet — ESD, UCE, RECE full or partial weights, or a "
-                "DUO/MACE/SPM LoRA-style adapter — to a base MODEL as patches. The cached base is not "
-                "modified. Strength 1 reproduces the unlearned model, 0 the base; values between blend "
-                "the weight difference. A full UNet file also loads without a base MODEL."),
-            inputs=[
-                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="Unlearned weights in models/diffusion_models: full UNet (LDM or "
-                                       "diffusers layout), partial file (ESD-x/-u, UCE) or LoRA adapter."),
-                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
-                               tooltip="1 = the unlearned model, 0 = the base; between blends the weight "
-                                       "difference (beyond 1 extrapolates)."),
-                io.Model.Input("model", optional=True,
-                               tooltip="Base MODEL the unlearned weights were made from (from any loader). "
-                                       "Optional for a full UNet file."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The unlearned model (base + patches)."),
-                io.String.Output(display_name="info",
-                                 tooltip="Detected format, tensors replaced and blocks touched."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, unet_name, strength, model=None) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        if model is None:
-            m, info = load_without_base(path, strength)
-        else:
-            m, info = apply_unlearned(model, path, strength)
-        m.model_options["safegen_unlearned"] = info["file"]
-        text = format_info(info)
-        log.info("SafeGen Unlearned UNet Loader: %s", text.replace("\n", "; "))
-        return io.NodeOutput(m, text, ui=ui.PreviewText(text))
+def load(unet_name: str, strength: float, model=None):
+    """The Unlearned UNet Loader: (MODEL, info text)."""
+    path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+    if model is None:
+        m, info = load_without_base(path, strength)
+    else:
+        m, info = apply_unlearned(model, path, strength)
+    m.model_options["safegen_unlearned"] = info["file"]
+    text = format_info(info)
+    log.info("SafeGen Unlearned UNet Loader: %s", text.replace("\n", "; "))
+    return m, text
 
 
-NODES = [UnlearnedUNetLoader]
+def diffusion_model_files() -> list[str]:
+    return folder_paths.get_filename_list("diffusion_models")

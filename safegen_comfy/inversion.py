@@ -1,0 +1,190 @@
+"""Concept inversion (INE / CCE) on a ComfyUI MODEL+CLIP, and implicit negative embeddings as
+CONDITIONING. The objectives are ``safegen_core.inversion``'s."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+
+from ..safegen_core import inversion as inversion_core
+from ..safegen_core.weights_io import (WeightFileError, read_weight_file, sanitize_name,
+                                       save_safetensors_atomic, weights_fingerprint)
+from . import common, compat, text, training
+
+log = logging.getLogger("safegen")
+
+OBJECTIVES = inversion_core.OBJECTIVES
+PACK_EMBEDDINGS = os.path.join(common.PACK_ROOT, "embeddings")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EMBEDDING_EXT = (".safetensors", ".pt", ".bin")
+FROM_INPUT = "(from input)"
+
+
+def register_folders() -> None:
+    """The pack's embeddings/ folder is an extra embeddings path (stock `embedding:` sees it too)."""
+    if os.path.isdir(PACK_EMBEDDINGS) and PACK_EMBEDDINGS not in folder_paths.get_folder_paths("embeddings"):
+        folder_paths.add_model_folder_path("embeddings", PACK_EMBEDDINGS)
+
+
+def embedding_files() -> list[str]:
+    register_folders()
+    return common.files_in("embeddings", EMBEDDING_EXT)
+
+
+def load_folder_images(folder: str, resolution: int) -> torch.Tensor:
+    """Images under ComfyUI's input/<folder>, centre-cropped and resized: IMAGE [B,H,W,3]."""
+    from PIL import Image, ImageOps
+
+    path = common.input_path(folder, "image_folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"image_folder '{folder}' is not a folder under ComfyUI's input directory")
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise ValueError(f"image_folder '{folder}' holds no images ({', '.join(IMAGE_EXT)})")
+    out = []
+    for f in files:
+        im = ImageOps.exif_transpose(Image.open(os.path.join(path, f))).convert("RGB")
+        im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0))
+    return torch.stack(out)
+
+
+def model_fingerprint(model) -> str:
+    """Content hash of the MODEL's effective UNet weights (patches applied), cheap to compute."""
+    mm.load_models_gpu([model], force_full_load=True)
+    return weights_fingerprint(compat.unet(model).state_dict())
+
+
+def init_token_vectors(clip, init_text: str) -> dict[str, torch.Tensor]:
+    """Input-embedding rows of the init text's tokens, per encoder."""
+    out = {}
+    for enc in text.encoders(clip):
+        ids = text.token_ids(clip, enc, init_text)
+        if not ids:
+            raise ValueError(f"init_text '{init_text}' gives no tokens")
+        out[enc] = compat.input_embedding_rows(clip, enc, ids)
+    return out
+
+
+def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text="person", template="{}",
+           steps=500, learning_rate=5e-3, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5,
+           negative_text="", checkpoint_every=0, keep_checkpoints=2, preview_every=0, resume=False, vae=None,
+           init_vectors=None, sess: training.Session | None = None, model_hash: str | None = None):
+    """Concept inversion on ``latents`` (model space, [B,4,h,w]); returns (TrainResult, fingerprint).
+
+    ``sess``: an open :func:`training.session` holding trainable clones of ``model``/``clip`` (Dark Miner
+    mines in its own session); otherwise one is opened here. The model is hashed only for checkpoints."""
+    widths = text.embedding_widths(clip)
+    if model_hash is None and (checkpoint_every or resume):
+        model_hash = model_fingerprint(model)
+    fingerprint = {"model": model_hash, "num_vectors": num_vectors, "init_text": init_text,
+                   "template": template, "batch_size": batch_size, "objective": objective,
+                   "images": int(latents.shape[0]),
+                   "guidance_scale": guidance_scale if objective == "guided" else None,
+                   "negative_text": negative_text if objective == "guided" else None}
+    with torch.inference_mode(False):
+        if init_vectors is None:
+            init = init_token_vectors(clip, init_text)
+            params = {enc: inversion_core.init_vectors(init[enc], num_vectors) for enc in widths}
+        else:
+            params = {enc: init_vectors[enc].detach().clone().float() for enc in widths}
+        latents = latents.detach().clone()
+        h, w = latents.shape[-2:]
+        sigmas = common.model_sigmas(model)
+        owned = sess is None
+        ctx = training.session(model, clip) if owned else contextlib.nullcontext(sess)
+        with ctx as s:
+            prompt = text.prompt_with_embedding(template)
+            spliced = text.tokenize_with_vectors(s.clip, prompt, params)
+            neg_cond = neg_pooled = None
+            if objective == "guided":
+                with torch.no_grad():
+                    neg_cond, neg_pooled = text.encode_tokens(s.clip, s.clip.tokenize(negative_text))
+
+            def loss_fn(step, g):
+                x, sigma, eps, _ = inversion_core.sample_batch(latents, sigmas, batch_size, g)
+                cond, pooled = text.encode_tokens(s.clip, spliced.with_vectors(params))
+                e_c = compat.predict_eps(s.model, x, sigma, cond, pooled, w, h)
+                e_n = None
+                if objective == "guided":
+                    with torch.no_grad():
+                        e_n = compat.predict_eps(s.model, x, sigma, neg_cond, neg_pooled, w, h)
+                return inversion_core.inversion_loss(objective, eps, e_c, e_n, guidance_scale)
+
+            def on_preview(step):
+                with torch.no_grad():
+                    pos = text.encode(s.clip, prompt, {k: v.detach() for k, v in params.items()})
+                    neg = text.encode(s.clip, "")
+                    img = common.sample_preview(s.model, vae, pos, neg, seed, steps=8, width=w * 8, height=h * 8)
+                return common.image_to_pil(img)
+
+            result = training.run(params, loss_fn, steps=steps, lr=learning_rate, seed=seed, optimizer="adamw",
+                                  checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                                  preview_every=preview_every, on_preview=on_preview if vae is not None else None,
+                                  kind="inversion", name=name, resume=resume, fingerprint=fingerprint)
+    return result, fingerprint
+
+
+def train_concept_inversion(model, clip, vae, *, name, images=None, image_folder="", resolution=512, **settings):
+    """The Concept Inversion Trainer: (EMBEDDING, loss plot, info). Saves
+    models/embeddings/<name>.safetensors (usable as embedding:<name>)."""
+    name = sanitize_name(name, "ine_concept")
+    if images is None:
+        if not image_folder:
+            raise ValueError("Concept Inversion Trainer needs images: connect an IMAGE batch or set image_folder")
+        images = load_folder_images(image_folder, resolution)
+    latents = common.encode_images(model, vae, images)
+    model_hash = model_fingerprint(model)
+    result, _ = invert(model, clip, latents, name=name, vae=vae, model_hash=model_hash, **settings)
+    steps = settings.get("steps", 500)
+    vectors = result.params
+    final = result.losses[-1] if result.losses else float("nan")
+    meta = {"safegen_kind": "implicit_negative_embedding", "base_model_hash": model_hash,
+            "unlearned_file": model.model_options.get("safegen_unlearned") or "",
+            "objective": settings.get("objective", "ldm"), "steps": steps, "lr": settings.get("learning_rate"),
+            "num_vectors": settings.get("num_vectors", 1), "init_text": settings.get("init_text"),
+            "template": settings.get("template"), "batch_size": settings.get("batch_size"),
+            "seed": settings.get("seed"), "final_loss": final,
+            "loss_mean_last_10pct": float(np.mean(result.losses[-max(1, len(result.losses) // 10):]))
+            if result.losses else None}
+    path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], f"{name}.safetensors")
+    save_safetensors_atomic(inversion_core.to_file_tensors(vectors), path, meta)
+    plot = common.loss_plot_image(result.losses, f"inversion loss: {name}")
+    info = (f"saved {path}\nsteps {steps} (resumed from {result.resumed_from}), final loss {final:.5f}, "
+            f"vectors {meta['num_vectors']}, objective {meta['objective']}")
+    return {"name": name, "vectors": vectors, "metadata": meta}, plot, info
+
+
+def read_embedding_file(name: str) -> dict:
+    path = folder_paths.get_full_path("embeddings", name)
+    if path is None:
+        raise ValueError(f"embedding '{name}' not found in models/embeddings or the pack's embeddings/ folder")
+    try:
+        wf = read_weight_file(path)
+    except WeightFileError as e:
+        raise ValueError(str(e)) from e
+    return {"name": os.path.splitext(os.path.basename(name))[0],
+            "vectors": inversion_core.from_file_tensors(wf.tensors, os.path.basename(path)), "metadata": wf.metadata}
+
+
+def checked_vectors(clip, embedding: dict) -> dict[str, torch.Tensor]:
+    """The embedding's vectors for this CLIP's encoders; a width mismatch or NaN is an error."""
+    widths = text.embedding_widths(clip)
+    inversion_core.check_embedding(embedding["vectors"], widths, embedding.get("name", "embedding"))
+    return {k: v for k, v in embedding["vectors"].items() if k in widths}
+
+
+def ine_conditioning(clip, embedding_name: str, prompt: str, strength: float, embedding: dict | None = None):
+    """Load Implicit Negative Embedding: (CONDITIONING, EMBEDDING)."""
+    if embedding_name != FROM_INPUT:
+        embedding = read_embedding_file(embedding_name)
+    elif embedding is None:
+        raise ValueError("Load Implicit Negative Embedding: choose a file or connect an EMBEDDING")
+    vec = checked_vectors(clip, embedding)
+    return text.encode(clip, text.prompt_with_embedding(prompt, strength), vec), embedding

@@ -1,0 +1,268 @@
+"""SLD (Safe Latent Diffusion) in ComfyUI's sampler; the formulas are ``safegen_core.sld``'s.
+
+SLD as a MODEL patch (stock KSampler):
+  * ``WrappersMP.OUTER_SAMPLE`` wrapper: at the start of every sampling run it resets the SLD
+    state and adds the safety conditioning to the guider's ``conds`` dict, so ComfyUI's own
+    ``process_conds`` prepares it exactly like positive/negative (areas/masks, start/end percent,
+    ``extra_conds`` → c_crossattn, SDXL ``y``, inpaint concat, controlnets).
+  * ``sampler_calc_cond_batch_function``: evaluates ``[cond, uncond, safety]`` with ONE
+    ``calc_cond_batch`` call, which concatenates compatible conds into the same batched UNet call
+    (3·B rows); returns ``[cond, uncond]`` to the rest of the sampler and keeps the safety
+    prediction for the CFG hook.
+  * ``sampler_post_cfg_function``: SLD via ``sld_cfg_from_denoised`` with the run's state; the
+    step index is the current sigma's position in the sampler's schedule.
+SLD as a GUIDER (SamplerCustomAdvanced): :class:`Guider_SLD`, a ``CFGGuider`` with a third cond
+(like comfy_extras/nodes_perpneg.py ``Guider_PerpNeg``). ComfyUI internals via :mod:`.compat`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from ..safegen_core.sld import (DEFAULT_SAFETY_CONCEPT, SLD_PRESETS, SLDParams, SLDState,
+                                sld_cfg_from_denoised, sld_enabled, sigma_to_step_index)
+from . import compat
+
+log = logging.getLogger("safegen")
+
+SAFETY_COND_KEY = "safegen_sld_safety"
+WRAPPER_KEY = "safegen_sld"
+PRESETS = ["weak", "medium", "strong", "max", "custom"]
+DEFAULTS = SLD_PRESETS["medium"]
+
+__all__ = ["sld_params", "SLDRun", "patch_model_sld", "Guider_SLD", "sld_guider", "sld_run_of",
+           "DEFAULT_SAFETY_CONCEPT", "PRESETS", "DEFAULTS"]
+
+
+def sld_params(preset: str, warmup_steps: int, guidance_scale: float, threshold: float,
+               momentum_scale: float, momentum_beta: float) -> SLDParams:
+    """The preset's values, or the custom ones when ``preset == "custom"``."""
+    if preset == "custom":
+        return SLDParams(warmup_steps=int(warmup_steps), guidance_scale=float(guidance_scale),
+                         threshold=float(threshold), momentum_scale=float(momentum_scale),
+                         momentum_beta=float(momentum_beta))
+    if preset not in SLD_PRESETS:
+        raise ValueError(f"unknown SLD preset {preset!r}; choose one of {PRESETS}")
+    return replace(SLD_PRESETS[preset])
+
+
+class SLDRun:
+    """SLD state of one patched model / guider across its sampling runs.
+
+    ``state`` (the momentum, one entry per latent element, so per image) is reset at the start
+    of each run: by the OUTER_SAMPLE wrapper / ``Guider_SLD.sample`` (every KSampler /
+    SamplerCustom* run goes through ``CFGGuider.sample``) and, as a fallback for code paths
+    that bypass it, when the sampler's schedule object changes or the step index falls back to
+    0 after a later step.
+    """
+
+    def __init__(self, params: SLDParams):
+        self.params = params
+        self.state = SLDState()
+        self.guider = None
+        self.cfg: Optional[float] = None
+        self.schedule = None
+        self.last_step = -1
+        self.pending = None  # (x, safety x0 prediction, step index) for the next CFG hook call
+        self.runs = 0
+        self.safety_evals = 0
+        self._warned = False
+
+    def new_run(self) -> None:
+        self.state.reset()
+        self.schedule = None
+        self.last_step = -1
+        self.pending = None
+        self.runs += 1
+
+    def step_index(self, sigma, model_options: dict) -> tuple[int, int | None]:
+        """(step index in this run, number of steps or None); resets state on a new run."""
+        sched = compat.sample_sigmas(model_options)
+        if sched is None:
+            if not self._warned:
+                log.warning("SafeGen SLD: no sample_sigmas in transformer_options; counting model "
+                            "evaluations as steps")
+                self._warned = True
+            return self.state.calls, None
+        if sched is not self.schedule:
+            if self.schedule is not None:  # a schedule we have not seen: a new run
+                self.new_run()
+            self.schedule = sched
+        idx = sigma_to_step_index(sigma, sched)
+        if idx == 0 and self.last_step > 0:  # back at the first sigma with the same schedule object
+            self.new_run()
+            self.schedule = sched
+        self.last_step = idx
+        return idx, int(sched.shape[-1]) - 1
+
+    def wants_safety(self, cfg: Optional[float], n_steps: Optional[int]) -> bool:
+        """Whether the safety prediction can matter for this run (else it is not computed)."""
+        p = self.params
+        if not p.guidance_scale > 1.0:
+            return False
+        if cfg is not None and not cfg > 1.0:
+            return False
+        if n_steps is not None and p.warmup_steps >= n_steps:
+            return False  # all steps are warm-up steps: SLD never changes the prediction
+        return True
+
+    def apply(self, x, sigma, cond_d, uncond_d, safety_d, denoised, cfg, step) -> torch.Tensor:
+        """SLD on x0 predictions; ``denoised`` is the CFG result the sampler computed so far.
+
+        Updates the momentum on every evaluation (warm-up included, as diffusers does). During
+        warm-up ``denoised`` is returned unchanged; afterwards ``sld + (denoised - plain_cfg)``,
+        which is exactly the SLD result when nothing else modified the CFG result and keeps
+        another hook's modification otherwise.
+        """
+        if not sld_enabled(self.params, cfg):
+            return denoised
+        sld = sld_cfg_from_denoised(x, uncond_d, cond_d, safety_d, sigma, step, self.params, self.state, cfg)
+        if step < self.params.warmup_steps:
+            return denoised
+        plain = uncond_d + (cond_d - uncond_d) * cfg
+        return sld + (denoised - plain)
+
+
+def _convert_safety(safety) -> list[dict]:
+    safety = compat.conditioning_set_values(safety, {"prompt_type": "negative"})
+    return compat.convert_cond(safety)
+
+
+def _safety_for_run(safety_conds: list[dict], negative: Optional[list]) -> list[dict]:
+    """Fresh copies of the safety conds; a ControlNet on the negative is applied to them too, so the
+    safety prediction sees the same control as the unconditional one (and batches with it)."""
+    out = [c.copy() for c in safety_conds]
+    ctrl = next((c["control"] for c in (negative or []) if c.get("control") is not None), None)
+    if ctrl is not None:
+        for c in out:
+            c.setdefault("control", ctrl)
+    return out
+
+
+def patch_model_sld(model, safety, params: SLDParams):
+    """Clone ``model`` and install SLD (see module docstring). Returns the clone."""
+    m = model.clone()
+    run = SLDRun(params)
+    safety_conds = _convert_safety(safety)
+    prev_calc = m.model_options.get("sampler_calc_cond_batch_function")
+    fallback = {}
+
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        guider = compat.guider_of(executor)
+        run.new_run()
+        run.guider = guider
+        run.cfg = compat.guider_cfg(guider)
+        conds = compat.guider_conds(guider)
+        if conds is not None:
+            conds[SAFETY_COND_KEY] = _safety_for_run(safety_conds, conds.get("negative"))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            run.guider = None
+            run.cfg = None
+
+    def processed_safety(model_base, x):
+        conds = compat.guider_conds(run.guider) if run.guider is not None else None
+        if conds is not None and SAFETY_COND_KEY in conds:
+            return conds[SAFETY_COND_KEY]
+        # Sampling that did not go through CFGGuider.sample: prepare it as Perp-Neg's model patch does.
+        key = (tuple(x.shape), str(x.device), id(model_base))
+        if key not in fallback:
+            fallback.clear()
+            fallback[key] = compat.prepare_conds(model_base, [c.copy() for c in safety_conds], x, "negative")
+        return fallback[key]
+
+    def calc_cond_batch(args):
+        conds = list(args["conds"])
+        run.pending = None
+
+        def evaluate(cs):
+            if prev_calc is not None:
+                return prev_calc({**args, "conds": cs})
+            return compat.calc_cond_batch(args["model"], cs, args["input"], args["sigma"], args["model_options"])
+
+        if len(conds) < 2 or conds[0] is None or conds[1] is None:  # cfg == 1 optimisation: no CFG, no SLD
+            return evaluate(conds)
+        step, n_steps = run.step_index(args["sigma"], args["model_options"])
+        if not run.wants_safety(run.cfg, n_steps):
+            return evaluate(conds)
+        x = args["input"]
+        out = evaluate(conds + [processed_safety(args["model"], x)])
+        run.pending = (x, out[len(conds)], step)
+        run.safety_evals += 1
+        return list(out[:len(conds)])
+
+    def post_cfg(args):
+        denoised = args["denoised"]
+        p, run.pending = run.pending, None
+        if p is None or p[0] is not args["input"]:
+            return denoised
+        _, safety_d, step = p
+        return run.apply(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"],
+                         safety_d, denoised, args["cond_scale"], step)
+
+    # function attributes survive ModelPatcher.clone (deepcopy keeps function objects)
+    calc_cond_batch.safegen_run = run
+    post_cfg.safegen_run = run
+    m.add_wrapper_with_key(compat.outer_sample_wrapper_type(), WRAPPER_KEY, outer_sample_wrapper)
+    m.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
+    m.set_model_sampler_post_cfg_function(post_cfg)
+    return m
+
+
+def sld_run_of(model) -> Optional[SLDRun]:
+    """The SLDRun of a model patched by :func:`patch_model_sld` (for tests and reports)."""
+    fn = model.model_options.get("sampler_calc_cond_batch_function")
+    return getattr(fn, "safegen_run", None)
+
+
+class Guider_SLD(compat.cfg_guider_class()):
+    """CFG + SLD with the safety prediction batched with positive and negative."""
+
+    def set_conds(self, positive, negative, safety):
+        safety = compat.conditioning_set_values(safety, {"prompt_type": "negative"})
+        self.inner_set_conds({"positive": positive, "negative": negative, "safety": safety})
+
+    def set_sld(self, cfg: float, params: SLDParams):
+        self.cfg = cfg
+        self.run = SLDRun(params)
+
+    def sample(self, *args, **kwargs):
+        self.run.new_run()
+        if "safety" in self.original_conds:
+            self.original_conds["safety"] = _safety_for_run(self.original_conds["safety"],
+                                                            self.original_conds.get("negative"))
+        return super().sample(*args, **kwargs)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        run = self.run
+        step, n_steps = run.step_index(timestep, model_options)
+        positive = self.conds.get("positive", None)
+        negative = self.conds.get("negative", None)
+        safety = self.conds.get("safety", None)
+        if safety is None or not run.wants_safety(self.cfg, n_steps):
+            return super().predict_noise(x, timestep, model_options, seed)
+        conds = [positive, negative, safety]
+        out = compat.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        safety_d = out[2]
+        out = list(out[:2])
+        run.safety_evals += 1
+        # pre-CFG hooks see [cond, uncond] as in sampling_function
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds[:2], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        denoised = compat.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options,
+                                       positive, negative)
+        return run.apply(x, timestep, out[0], out[1], safety_d, denoised, self.cfg, step)
+
+
+
+def sld_guider(model, positive, negative, safety, cfg: float, params: SLDParams) -> Guider_SLD:
+    guider = Guider_SLD(model)
+    guider.set_conds(positive, negative, safety)
+    guider.set_sld(cfg, params)
+    return guider
