@@ -11,7 +11,7 @@ normal, cfg 7, batch 1, seed 0, on the tiny SD1 checkpoint (``tools.tiny_models.
 loaded by ``comfy.sd.load_checkpoint_guess_config``), under ``torch.inference_mode()`` like a
 server prompt. Same positive prompt everywhere.
 
-* ``text``:   plain CFG, negative = CLIPTextEncode of a text (``nodes.comfy_glue.encode``).
+* ``text``:   plain CFG, negative = CLIPTextEncode of a text (``safegen_comfy.text.encode``).
 * ``ine``:    plain CFG, negative = an implicit negative embedding: a random [1, 768] vector
   encoded through ``encode(clip, prompt_with_embedding(""), {"l": vec})``.
 * ``sld``:    ``patch_model_sld(model, safety, medium preset)`` (the SLD Guidance node) with the
@@ -113,8 +113,9 @@ def worker(arm: str, out_dir: str, threads: int, steps: int, samples: int, large
     import comfy.sd
 
     from tools.tiny_models import ensure
-    gd = pack_module("nodes.guidance")
-    G = pack_module("nodes.comfy_glue")
+    gd = pack_module("safegen_comfy.sld")
+    sfr = pack_module("safegen_comfy.safree")
+    G = pack_module("safegen_comfy.text")
     sld = pack_module("safegen_core.sld")
     SF = pack_module("safegen_core.safree")
     res: dict = {"arm": arm, "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -159,24 +160,24 @@ def worker(arm: str, out_dir: str, threads: int, steps: int, samples: int, large
             G.encode(clip, PROMPT)
             t_enc = time.perf_counter() - t0
             t0 = time.perf_counter()
-            filt_small, report, info = gd.safree_filter(clip, PROMPT, concepts, [], steps=steps)
+            filt_small, report, info = sfr.safree_filter(clip, PROMPT, concepts, [], steps=steps)
             t_cold = time.perf_counter() - t0
             t0 = time.perf_counter()
-            gd.safree_filter(clip, PROMPT_2, concepts, [], steps=steps)
+            sfr.safree_filter(clip, PROMPT_2, concepts, [], steps=steps)
             t_new = time.perf_counter() - t0
             res["safree_filter"] = {"cold_s": t_cold, "new_prompt_s": t_new, "plain_encode_s": t_enc,
                                     "concepts": len(concepts), "report": report, "info": info,
                                     "conds": len(filt_small)}
             b1, b2, s1, s2 = SF.DEFAULT_FREEU_HYP
             if arm == "safree":
-                model = gd.patch_model_reattention(mp, b1, b2, s1, s2)
+                model = sfr.patch_model_reattention(mp, b1, b2, s1, s2)
             else:
                 with model_channels_read_as(mp, 80):  # 320 = 4 x 80: the tiny UNet's stages get (b1, s1)
-                    model = gd.patch_model_reattention(mp, b1, b2, s1, s2)
+                    model = sfr.patch_model_reattention(mp, b1, b2, s1, s2)
             configs[SMALL] = (model, filt_small, neg_text)
             if large:
                 t0 = time.perf_counter()
-                filt_large, _, info_l = gd.safree_filter(clip, PROMPT, concepts, [], steps=large_steps)
+                filt_large, _, info_l = sfr.safree_filter(clip, PROMPT, concepts, [], steps=large_steps)
                 res["safree_filter"]["same_prompt_again_s"] = time.perf_counter() - t0
                 res["safree_filter"]["info_large"] = info_l
                 configs[large] = (model, filt_large, neg_text)

@@ -24,7 +24,7 @@ Target (issue): ours ≥ 1.5× the baseline's steps/s, and peak RSS ≤ 1.0× th
   latents, the TAESD counterpart of the script's ``latent_dist.sample() * scaling_factor``.
   Everything fp32 on CPU (the script's ``mixed_precision="no"`` default).
 * **ours**: the checkpoint loaded by ComfyUI (``comfy.sd.load_checkpoint_guess_config``), the
-  images encoded ONCE by ComfyUI's VAE, then ``nodes.inversion.invert()`` — all under
+  images encoded ONCE by ComfyUI's VAE, then ``safegen_comfy.inversion.invert()`` — all under
   ``torch.inference_mode()`` like a server prompt.
 
 Same images (64×64 pixels -> 8×8 latents), batch 1, 1 vector, init "person", lr 5e-3;
@@ -327,8 +327,8 @@ def run_ours(n_steps: int, warmup: int, out_path: str, profile: bool) -> None:
     from tests.packload import comfy_ready, pack_module
     comfy_ready()
     import comfy.sd
-    inv = pack_module("nodes.inversion")
-    G = pack_module("nodes.comfy_glue")
+    inv = pack_module("safegen_comfy.inversion")
+    T, C, common = (pack_module(f"safegen_comfy.{n}") for n in ("text", "compat", "common"))
     training = pack_module("safegen_core.training")
     from tools.tiny_models import ensure
     rss_imports = rss_mib()
@@ -353,9 +353,9 @@ def run_ours(n_steps: int, warmup: int, out_path: str, profile: bool) -> None:
         if state["step"] > warmup:
             phases[k] = phases.get(k, 0.0) + dt / n_steps
 
-    orig_progress_step = G.Progress.step
-    orig_enc, orig_pred = G.encode_for_training, G.predict_eps
-    orig_loss, orig_mkopt = inv.INV.inversion_loss, training.make_optimizer
+    orig_progress_step = common.Progress.step
+    orig_enc, orig_pred = T.encode_tokens, C.predict_eps
+    orig_loss, orig_mkopt = inv.inversion_core.inversion_loss, training.make_optimizer
 
     def progress_step(self, step, loss=None):
         t = now()
@@ -378,7 +378,7 @@ def run_ours(n_steps: int, warmup: int, out_path: str, profile: bool) -> None:
         add("step_start_to_encode (zero_grad, sample_batch)", t0 - marks.get("step_end", t0))
         r = orig_enc(*a, **k)
         t1 = time.perf_counter()
-        add("text_encoder (tokenize+encode_from_tokens)", t1 - t0)
+        add("text_encoder (splice vectors + encode_from_tokens)", t1 - t0)
         marks["enc_end"] = t1
         return r
 
@@ -409,9 +409,9 @@ def run_ours(n_steps: int, warmup: int, out_path: str, profile: bool) -> None:
         opt.register_step_post_hook(post)
         return opt
 
-    G.Progress.step = progress_step
-    G.encode_for_training, G.predict_eps = enc, pred
-    inv.INV.inversion_loss, training.make_optimizer = loss_fn, mkopt
+    common.Progress.step = progress_step
+    T.encode_tokens, C.predict_eps = enc, pred
+    inv.inversion_core.inversion_loss, training.make_optimizer = loss_fn, mkopt
     t_inv0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -423,9 +423,9 @@ def run_ours(n_steps: int, warmup: int, out_path: str, profile: bool) -> None:
     finally:
         if state["prof"] is not None:
             state["prof"].disable()
-        G.Progress.step = orig_progress_step
-        G.encode_for_training, G.predict_eps = orig_enc, orig_pred
-        inv.INV.inversion_loss, training.make_optimizer = orig_loss, orig_mkopt
+        common.Progress.step = orig_progress_step
+        T.encode_tokens, C.predict_eps = orig_enc, orig_pred
+        inv.inversion_core.inversion_loss, training.make_optimizer = orig_loss, orig_mkopt
     t_inv = time.perf_counter() - t_inv0
     out = {"arm": "ours", **timing(stamps, warmup),
            "peak_rss_mib": peak_rss_mib(), "vm_hwm_mib": hwm_mib(), "rss_after_imports_mib": rss_imports,
@@ -558,7 +558,7 @@ def main(argv=None) -> int:
         f"process(es) per arm, interleaved, fastest counts; torch threads {base['threads']}; {ncpu} CPUs",
         "baseline: diffusers examples/textual_inversion/textual_inversion.py loop (VAE encode every step, "
         "AdamW on the whole embedding matrix, other rows restored); VAE = " + base["vae"],
-        "ours:     nodes.inversion.invert() on latents encoded once by ComfyUI's VAE, under inference_mode",
+        "ours:     safegen_comfy.inversion.invert() on latents encoded once by ComfyUI's VAE, under inference_mode",
         "",
         fmt.format(*head).rstrip(),
         *[fmt.format(*r).rstrip() for r in rows],

@@ -1,7 +1,7 @@
 """Safe Text Encoder Trainer: training steps/s with the originals cached once (the node) vs a naive
 loop that re-encodes the frozen original embeddings of each step's prompts every step.
 
-Both arms run ``nodes.safe_text_encoder.train_safetext`` on the tiny SD1 checkpoint's CLIP-L (full
+Both arms run ``safegen_comfy.safetext.train_safetext`` on the tiny SD1 checkpoint's CLIP-L (full
 size, random weights) with the same prompts, seed, λ, lr, layers and batch; the naive arm passes
 ``cache_originals=False``. Each arm runs in a fresh subprocess (``--runs`` times, interleaved,
 medians); the timed part is the training loop only (model load excluded). Both arms must end with
@@ -46,7 +46,7 @@ def worker(arm: str, steps: str, batch: str, threads: str, kind: str, save: str)
     from tools.tiny_models import ensure
     if int(threads) > 0:
         torch.set_num_threads(int(threads))
-    N, ST = pack_module("nodes.safe_text_encoder"), pack_module("safegen_core.safetext")
+    N, ST = pack_module("safegen_comfy.safetext"), pack_module("safegen_core.safetext")
     _, clip, _, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure(kind)), output_model=False,
                                                            output_vae=False, output_clip=True, embedding_directory=[])
     U, S = ST.default_unsafe_prompts(), ST.default_safe_prompts()

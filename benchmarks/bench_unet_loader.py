@@ -125,7 +125,7 @@ def worker(arm: str, weights: str, ckpt: str, pred_out: str, latent: str, thread
     if int(threads) > 0:
         torch.set_num_threads(int(threads))
     if arm == "B":
-        loader = pack_module("nodes.unet_loader")
+        loader = pack_module("safegen_comfy.unlearned")
         base = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=False)[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, int(latent), int(latent), generator=g)

@@ -334,6 +334,23 @@ def encode_token_chunks(clip, enc: str, chunks: list) -> torch.Tensor:
     return out.reshape(len(chunks), -1, out.shape[-1]).float()
 
 
+def clip_patcher(clip):
+    return clip.patcher  # comfy/sd.py CLIP.patcher: the ModelPatcher of the text encoders
+
+
+def clip_model(clip):
+    return clip.cond_stage_model  # comfy/sd.py CLIP.cond_stage_model (SD1ClipModel / SDXLClipModel)
+
+
+def clip_state_dict(clip) -> dict:
+    """The CLIP's stored text-encoder weights keyed relative to its model (``clip_l.transformer.…``)."""
+    return clip.patcher.model_state_dict()
+
+
+def load_device(model):
+    return model.load_device  # comfy/model_patcher.py ModelPatcher.load_device
+
+
 def clip_patches_version(clip):
     """Identity of the CLIP's weight patches (ModelPatcher.patches_uuid), for caches."""
     return getattr(clip.patcher, "patches_uuid", None)
@@ -398,6 +415,45 @@ def lora_in_out(patch) -> tuple[int, int] | None:
     if getattr(patch, "name", "") == "lora" and w and w[0] is not None and w[1] is not None:
         return (int(w[0].shape[0]), int(w[1].shape[1]))
     return None
+
+
+# =========================================================================== LoRA / weight files
+def weight_adapter_base():
+    """comfy/weight_adapter/base.py WeightAdapterBase: a patch class whose ``calculate_weight`` ComfyUI
+    calls when it applies patches (0.3.75, 0.33.0)."""
+    from comfy.weight_adapter.base import WeightAdapterBase
+    return WeightAdapterBase
+
+
+def lora_key_map(model) -> dict[str, str]:
+    """LoRA module name → model key (comfy/lora.py ``model_lora_keys_unet``)."""
+    import comfy.lora
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def diffusers_to_ldm_names(model) -> dict[str, str]:
+    """diffusers UNet names → LDM names for this model's config (comfy/utils.py ``unet_to_diffusers``)."""
+    import comfy.utils
+    return comfy.utils.unet_to_diffusers(unet_config(model))
+
+
+def convert_lora(sd: dict) -> dict:
+    """LoRA key conventions normalised (comfy/lora_convert.py ``convert_lora``)."""
+    import comfy.lora_convert
+    return comfy.lora_convert.convert_lora(sd)
+
+
+def lora_patches(lora: dict, key_map: dict) -> dict:
+    """{model key: weight adapter} of a LoRA state dict (comfy/lora.py ``load_lora``)."""
+    import comfy.lora
+    return comfy.lora.load_lora(lora, key_map, log_missing=False)
+
+
+def load_unet_state_dict(sd: dict, metadata: dict | None):
+    """A MODEL from a full UNet state dict, type detected by ComfyUI (comfy/sd.py
+    ``load_diffusion_model_state_dict``; None when undetected)."""
+    import comfy.sd
+    return comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata)
 
 
 # =========================================================================== training

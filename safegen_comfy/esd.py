@@ -59,7 +59,7 @@ class Erasure:
         """ε of the erased (θ0 + Δ) or original (θ0) model at x = x0 + σ·ε."""
         ctx = contextlib.nullcontext() if erased else self.hooks.disabled()
         with ctx:
-            dev = self.model.load_device
+            dev = compat.load_device(self.model)
             c, p = cond
             out = compat.predict_eps(self.model, x.to(dev), sigma.to(dev), c.to(dev),
                                      None if p is None else p.to(dev), self.width, self.height)

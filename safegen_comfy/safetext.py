@@ -34,7 +34,7 @@ def text_encoder_files() -> list[str]:
 
 
 def clip_state_dict(clip) -> dict[str, torch.Tensor]:
-    return clip.patcher.model_state_dict()
+    return compat.clip_state_dict(clip)
 
 
 def clip_fingerprint(clip) -> str:

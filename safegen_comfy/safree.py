@@ -75,7 +75,7 @@ def _pooled(clip, enc: str, chunks: list) -> torch.Tensor:
     base = (compat.clip_patches_version(clip), clip.layer_idx, enc)
     keys = [base + tuple(_token_key(t[0]) for t in c) for c in chunks]
     try:
-        cache = _POOLED_CACHE.setdefault(clip.cond_stage_model, {})
+        cache = _POOLED_CACHE.setdefault(compat.clip_model(clip), {})
     except TypeError:  # not weak-referenceable: no caching
         cache = {}
     found = {i: cache[k] for i, k in enumerate(keys) if k in cache}

@@ -99,7 +99,7 @@ def session(model=None, clip=None, unet_deltas: dict | None = None, clip_deltas:
                     s.unet_hooks = DeltaHooks(mp, {UNET_PREFIX + k: v for k, v in unet_deltas.items()})
                     clones[-1][2].extend(s.unet_hooks.functions)
             if clip is not None:
-                cp, mode = compat.trainable_clone(clip.patcher)
+                cp, mode = compat.trainable_clone(compat.clip_patcher(clip))
                 clones.append((cp, mode, []))
                 s.clip = compat.clip_with_patcher(clip, cp)
                 if clip_deltas:

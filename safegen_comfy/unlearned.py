@@ -12,12 +12,7 @@ import os
 
 import torch
 
-import comfy.lora
-import comfy.lora_convert
-import comfy.sd
-import comfy.utils
 import folder_paths
-from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..safegen_core import unlearned as unlearned_core
 from ..safegen_core.weights_io import (SAFETENSORS_EXT, WeightFileError, check_finite, check_finite_file,
@@ -52,7 +47,7 @@ class _FileTensor:
             return f.get_tensor(self.key)
 
 
-class UnlearnedWeight(WeightAdapterBase):
+class UnlearnedWeight(compat.weight_adapter_base()):
     """Patch: weight ← weight + strength·(unlearned − weight), via torch.lerp (exact at 0 and 1)."""
 
     name = "safegen_unlearned"
@@ -71,7 +66,7 @@ class UnlearnedWeight(WeightAdapterBase):
 
 def _lora_key_map(model) -> dict[str, str]:
     """ComfyUI's LoRA key map plus plain diffusers/PEFT module names (``unet.…attn2.to_k``)."""
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = compat.lora_key_map(model)
     for dk, lk in _diffusers_map(model).items():
         if not dk.endswith(".weight"):
             continue
@@ -94,7 +89,7 @@ def _lora_module(k: str, key_map) -> str | None:
 
 
 def _diffusers_map(model) -> dict[str, str]:
-    return comfy.utils.unet_to_diffusers(compat.unet_config(model))
+    return compat.diffusers_to_ldm_names(model)
 
 
 def apply_unlearned(model, path: str, strength: float):
@@ -118,14 +113,14 @@ def apply_unlearned(model, path: str, strength: float):
 
     if layout == "lora":
         key_map = _lora_key_map(model)
-        lora = comfy.lora_convert.convert_lora(wf.tensors)
+        lora = compat.convert_lora(wf.tensors)
         te = [k for k in lora if unlearned_core.is_non_unet_key(k)]
         unet_keys = [k for k in lora if k not in te]
         unmatched = [k for k in unet_keys if _lora_module(k, key_map) is None]
         if unmatched:
             raise WeightFileError(f"{name}: {len(unmatched)} LoRA key(s) match no UNet layer of the model: "
                                   f"{list_keys(unmatched)}")
-        patches = comfy.lora.load_lora({k: lora[k] for k in unet_keys}, key_map, log_missing=False)
+        patches = compat.lora_patches({k: lora[k] for k in unet_keys}, key_map)
         bad = [f"{k} {compat.lora_in_out(v)} vs model {tuple(base_sd[k].shape[:2])}"
                for k, v in patches.items() if k in base_sd and compat.lora_in_out(v) is not None
                and compat.lora_in_out(v) != tuple(base_sd[k].shape[:2])]
@@ -174,7 +169,7 @@ def load_without_base(path: str, strength: float):
     layout = unlearned_core.detect_layout(wf.tensors.keys())
     if layout == "lora":
         raise WeightFileError(f"{name}: is a LoRA-style adapter; connect the base MODEL it was trained on")
-    m = comfy.sd.load_diffusion_model_state_dict(wf.tensors, metadata=wf.metadata)
+    m = compat.load_unet_state_dict(wf.tensors, wf.metadata)
     if m is None:
         raise WeightFileError(
             f"{name}: ComfyUI could not detect a UNet type from this file ({layout} layout, "

@@ -63,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from . import esd as ESD
+from . import esd
 from .inversion import sample_batch
 from .weights_io import WeightFileError, read_weight_file, save_safetensors_atomic
 
@@ -124,7 +124,7 @@ def denoising_losses(eps_fn, latents: torch.Tensor, train_sigmas: torch.Tensor, 
             group = conds[j0:j0 + per_call]
             n = len(group)
             xs = x.repeat(n, *([1] * (x.ndim - 1)))
-            e = eps_fn(xs, sigma.repeat(n), ESD.cat_conds(group, [b] * n), erased)
+            e = eps_fn(xs, sigma.repeat(n), esd.cat_conds(group, [b] * n), erased)
             for j, ej in enumerate(e.float().chunk(n)):
                 totals[j0 + j] += float(torch.nn.functional.mse_loss(ej, eps.float()))
     return [t / max(1, int(draws)) for t in totals]
@@ -157,8 +157,8 @@ def make_circumvent_loss_fn(eps_fn, targets: list, anchors: list, null, sigmas: 
     ``latent_shape`` is [1, C, h, w]; ``loss_fn.last`` = (erase term, anchor term)."""
     if not targets:
         raise ValueError("circumvent needs at least one target embedding")
-    if xt_sampler not in ESD.XT_SAMPLERS:
-        raise ValueError(f"unknown xt_sampler {xt_sampler!r}; one of {ESD.XT_SAMPLERS}")
+    if xt_sampler not in esd.XT_SAMPLERS:
+        raise ValueError(f"unknown xt_sampler {xt_sampler!r}; one of {esd.XT_SAMPLERS}")
     n = sigmas.shape[0]
     shape = list(latent_shape)
 
@@ -166,21 +166,21 @@ def make_circumvent_loss_fn(eps_fn, targets: list, anchors: list, null, sigmas: 
         i = int(torch.randint(0, len(targets), (1,), generator=g))
         j = int(torch.randint(0, len(anchors), (1,), generator=g)) if anchors else None
         rows = [targets[i]] + ([anchors[j]] if j is not None else [])
-        k, noise = ESD.draw_point(g, n, [len(rows)] + shape[1:])
-        conds = ESD.cat_conds(rows, [1] * len(rows))
-        x = ESD.sample_until(eps_fn, noise, sigmas, k, conds, null, start_guidance, xt_sampler == "erased")
+        k, noise = esd.draw_point(g, n, [len(rows)] + shape[1:])
+        conds = esd.cat_conds(rows, [1] * len(rows))
+        x = esd.sample_until(eps_fn, noise, sigmas, k, conds, null, start_guidance, xt_sampler == "erased")
         sigma = sigmas[k].expand(x.shape[0])
         with torch.no_grad():
             if j is None:
-                target_c = ESD.frozen_target(eps_fn, x, sigma, rows[0], null, eta)
+                target_c = esd.frozen_target(eps_fn, x, sigma, rows[0], null, eta)
             else:
                 xc, xa = x[:1], x[1:]
                 e = eps_fn(torch.cat([xc, xc, xa]), sigma[:1].repeat(3),
-                           ESD.cat_conds([null, rows[0], rows[1]], [1, 1, 1]), False)
+                           esd.cat_conds([null, rows[0], rows[1]], [1, 1, 1]), False)
                 e_null, e_c, e_a = e.chunk(3)
-                target_c = ESD.esd_target(e_null, e_c, eta)
+                target_c = esd.esd_target(e_null, e_c, eta)
         pred = eps_fn(x, sigma, conds, True)
-        erase = ESD.esd_loss(pred[:1], target_c)
+        erase = esd.esd_loss(pred[:1], target_c)
         if j is None:
             loss_fn.last = (float(erase.detach()), 0.0)
             return erase

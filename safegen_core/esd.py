@@ -42,8 +42,6 @@ from typing import Callable
 import torch
 
 VARIANTS = ("x", "u", "x-strict")
-VARIANT_LABELS = {"x": "ESD-x (cross-attention)", "u": "ESD-u (all but cross-attention)",
-                  "x-strict": "ESD-x-strict (attn2 to_k/to_v)"}
 XT_SAMPLERS = ("erased", "original")
 TRAINABLE_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 

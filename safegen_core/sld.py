@@ -196,12 +196,9 @@ def sld_guidance(
         return noise_cond
     noise_guidance = noise_cond - noise_uncond
     if sld_enabled(params, cfg_scale):
-        momentum = state._momentum_like(noise_guidance)
-        gamma = _safety_gamma(noise_uncond, noise_cond, noise_safety, params, momentum)
-        state.momentum = params.momentum_beta * momentum + (1 - params.momentum_beta) * gamma  # Eq. 8
-        state.calls += 1
-        if step_index >= params.warmup_steps:  # Warmup (checked after the momentum update)
-            noise_guidance = noise_guidance - gamma  # Eq. 3
+        # Eq. 3; the term is zero during warm-up (checked after the momentum update, Eq. 8)
+        noise_guidance = noise_guidance - sld_safety_term(noise_uncond, noise_cond, noise_safety, step_index,
+                                                          params, state)
     return noise_uncond + cfg_scale * noise_guidance
 
 

@@ -75,8 +75,8 @@ def build(unet_path: Path, hidden_path: Path) -> None:
     setup_comfy_import()
     import comfy.sd
 
-    G = pack_module("nodes.comfy_glue")
-    inv = pack_module("nodes.inversion")
+    G = pack_module("safegen_comfy.text")
+    inv = pack_module("safegen_comfy.inversion")
     base = ensure_tiny("sd1")
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)

@@ -28,15 +28,16 @@ def test_inversion_recovers_hidden_embedding(record_property):
     ck, hid = ensure()
     mp, clip, _vae, *_ = comfy.sd.load_checkpoint_guess_config(str(ck), output_vae=False, output_clip=True,
                                                                embedding_directory=[])
-    inv, G, INV = pack_module("nodes.inversion"), pack_module("nodes.comfy_glue"), pack_module("safegen_core.inversion")
+    inv, INV = pack_module("safegen_comfy.inversion"), pack_module("safegen_core.inversion")
+    T, C, training = (pack_module(f"safegen_comfy.{n}") for n in ("text", "common", "training"))
     e_star = load_file(str(hid))["emb_params"]
-    text = G.prompt_with_embedding("{}")
+    text = T.prompt_with_embedding("{}")
     with torch.inference_mode():
         init = inv.init_token_vectors(clip, "person")["l"]
-        neg = G.encode(clip, "")
+        neg = T.encode(clip, "")
 
         def images(vec, seeds):
-            pos = G.encode(clip, text, {"l": vec})
+            pos = T.encode(clip, text, {"l": vec})
             out = []
             for s in seeds:
                 lat = torch.zeros(1, 4, LAT, LAT)
@@ -46,15 +47,16 @@ def test_inversion_recovers_hidden_embedding(record_property):
             return mp.model.process_latent_in(torch.cat(out))
 
         train_lat, held = images(e_star, range(8)), images(e_star, range(100, 106))
-        sigmas = G.model_sigmas(mp)
+        sigmas = C.model_sigmas(mp)
 
         def heldout_loss(vec):
-            with torch.inference_mode(False), G.trainable(mp, clip.patcher), torch.no_grad():
-                cond, pooled = G.encode_for_training(clip, text, {"l": vec})
+            with torch.inference_mode(False), training.session(mp, clip) as sess, torch.no_grad():
+                cond, pooled = T.encode_tokens(sess.clip, T.tokens_with_vectors(sess.clip, text, {"l": vec}))
                 losses = []
                 for i in range(48):
                     x, s, e, _ = INV.sample_batch(held, sigmas, 6, torch.Generator().manual_seed(10_000 + i))
-                    losses.append(INV.inversion_loss("ldm", e, G.predict_eps(mp, x, s, cond, pooled, LAT, LAT)).item())
+                    losses.append(INV.inversion_loss("ldm", e, C.predict_eps(sess.model, x, s, cond, pooled, LAT,
+                                                                             LAT)).item())
             return sum(losses) / len(losses)
 
         result, _ = inv.invert(mp, clip, train_lat, steps=80, learning_rate=0.02, batch_size=4, num_vectors=1,

@@ -39,7 +39,7 @@ def setup():
     _, clip, _, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure("sd1")), output_model=False,
                                                            output_vae=False, output_clip=True,
                                                            embedding_directory=[])
-    N, ST = pack_module("nodes.safe_text_encoder"), pack_module("safegen_core.safetext")
+    N, ST = pack_module("safegen_comfy.safetext"), pack_module("safegen_core.safetext")
     return clip, N, ST
 
 
@@ -86,7 +86,7 @@ def test_unsafe_move_safe_stay(setup, trained, record_property):
 
 def test_node_schemas(setup):
     _, N, _ = setup
-    for cls in N.NODES:
+    for cls in pack_module("nodes.safe_text_encoder").NODES:
         sch = cls.define_schema()
         assert sch.node_id.startswith("SafeGen_") and sch.category.startswith("SafeGen/") and sch.description
         assert all(getattr(i, "tooltip", None) for i in sch.inputs + sch.outputs), cls
@@ -118,7 +118,7 @@ def test_node_saves_deltas_and_loader_round_trips(setup, te_dir):
     clip, N, ST = setup
     from safetensors import safe_open
     with torch.inference_mode():
-        out = N.SafeTextEncoderTrainer.execute(clip, "a nude person\nnaked woman", "a cat\na house", 1.0, 2, 1e-4,
+        out = pack_module("nodes.safe_text_encoder").SafeTextEncoderTrainer.execute(clip, "a nude person\nnaked woman", "a cat\na house", 1.0, 2, 1e-4,
                                                "final layers (last 2)", 2, 0, 0, False, "t st")
     trained_clip, plot, info = out.args[:3] if hasattr(out, "args") else out.result[:3]
     path = te_dir / "t_st.safetensors"
@@ -130,7 +130,7 @@ def test_node_saves_deltas_and_loader_round_trips(setup, te_dir):
     assert meta["unsafe_prompts"] == "2" and "base_clip_hash" in meta and "final_L_e" in meta
     assert len(deltas) == 34 and any(float(v.abs().max()) > 0 for v in deltas.values())
     with torch.inference_mode():
-        loaded = N.SafeTextEncoder.execute(clip, "t_st.safetensors", 1.0, "a nude person")
+        loaded = pack_module("nodes.safe_text_encoder").SafeTextEncoder.execute(clip, "t_st.safetensors", 1.0, "a nude person")
         lclip, cond = (loaded.args if hasattr(loaded, "args") else loaded.result)[:2]
         ref = N.encode_each(trained_clip, ["a nude person"])[0]
         got = N.encode_each(lclip, ["a nude person"])[0]
@@ -169,7 +169,7 @@ def test_full_weight_files_become_differences(setup, te_dir):
 
 def test_checkpoint_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     clip, N, _ = setup
-    monkeypatch.setattr(N.G, "checkpoint_dir", lambda kind, name: str(tmp_path / name))
+    monkeypatch.setattr(pack_module("safegen_comfy.common"), "checkpoint_dir", lambda kind, name: str(tmp_path / name))
     U, S = ["a nude person", "naked woman on a bed"], ["a cat", "a house by a lake"]
     kw = dict(lam=1.0, lr=1e-4, batch_size=1, seed=5)
     with torch.inference_mode():
@@ -197,7 +197,7 @@ def test_sdxl_both_encoders_train(record_property):
     _, clip, _, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure("sdxl")), output_model=False,
                                                            output_vae=False, output_clip=True,
                                                            embedding_directory=[])
-    N, ST = pack_module("nodes.safe_text_encoder"), pack_module("safegen_core.safetext")
+    N, ST = pack_module("safegen_comfy.safetext"), pack_module("safegen_core.safetext")
     layers = N.conditioning_layers(clip)
     assert layers == {"clip_l.transformer.text_model.": (10, False), "clip_g.transformer.text_model.": (30, False)}
     U, S = ST.default_unsafe_prompts(), ST.default_safe_prompts()

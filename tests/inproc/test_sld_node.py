@@ -21,7 +21,12 @@ CFG = 5.0
 
 @pytest.fixture(scope="module")
 def gd():
-    return pack_module("nodes.guidance")
+    return pack_module("safegen_comfy.sld")
+
+
+@pytest.fixture(scope="module")
+def sfr():
+    return pack_module("safegen_comfy.safree")
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +207,10 @@ def test_presets(gd, core):
 
 
 # --------------------------------------------------------------------------- SAFREE
-def test_reattention_patch_applies_freeu_at_the_right_stages(tiny, gd):
+def test_reattention_patch_applies_freeu_at_the_right_stages(tiny, sfr):
     mp, _, enc = tiny
     sf = pack_module("safegen_core.safree")
-    m = gd.patch_model_reattention(mp, 1.2, 1.1, 0.9, 0.2, start_percent=0.0, end_percent=0.5)
+    m = sfr.patch_model_reattention(mp, 1.2, 1.1, 0.9, 0.2, start_percent=0.0, end_percent=0.5)
     patch = m.model_options["transformer_options"]["patches"]["output_block_patch"][-1]
     ms = mp.get_model_object("model_sampling")
     early = {"sigmas": torch.tensor([float(ms.percent_to_sigma(0.2))])}
@@ -223,21 +228,21 @@ def test_reattention_patch_applies_freeu_at_the_right_stages(tiny, gd):
     assert patch(h, h, early)[0] is h  # FreeU's rule: only 4x / 2x model_channels stages
     # the UNet calls the patch (the tiny UNet has only 320-channel stages: an identity there)
     calls = []
-    m2 = gd.patch_model_reattention(mp, 1.0, 1.0, 0.9, 0.2)
+    m2 = sfr.patch_model_reattention(mp, 1.0, 1.0, 0.9, 0.2)
     m2.set_model_output_block_patch(lambda h, hsp, to: (calls.append(h.shape[1]), (h, hsp))[1])
     noise = noise_for(1)
     assert torch.equal(sample(m2, enc, noise, steps=2), sample(mp, enc, noise, steps=2))
     assert calls and set(calls) == {320}
 
 
-def test_safree_filter_structure(tiny, gd):
+def test_safree_filter_structure(tiny, sfr):
     _, clip, _ = tiny
     concepts = ["Nudity", "Erotic Art", "Sexual Acts"]
     with torch.inference_mode():
         plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of nudity on the beach"))
-        cond, report, info = gd.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
+        cond, report, info = sfr.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
                                               self_validating=True, up_t=2, steps=6)
-        off, _, _ = gd.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
+        off, _, _ = sfr.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
                                             self_validating=False)
     assert info["flagged"] > 0, report
     # with the self-validating filter: projected for the first steps, original after
@@ -252,12 +257,12 @@ def test_safree_filter_structure(tiny, gd):
     # only flagged token positions changed; BOS, EOS and padding untouched
     changed = (fc[0] != plain[0][0][0]).any(-1).nonzero().reshape(-1).tolist()
     toks = clip.tokenize("a photo of nudity on the beach")
-    eos = gd._eos_index(toks["l"][0], clip.tokenizer.clip_l)
+    eos = sfr._eos_index(toks["l"][0], clip.tokenizer.clip_l)
     assert eos >= 8  # BOS + 7 words (some split into several BPE tokens)
     assert changed and len(changed) == info["flagged"] and min(changed) >= 1 and max(changed) < eos
     # the "pooled" vectors are the EOS hidden states of the conditioning layer (= pooler_output for SD1)
     with torch.inference_mode():
-        p = gd._pooled(clip, "l", [toks["l"][0]])
+        p = sfr._pooled(clip, "l", [toks["l"][0]])
         _, pooled = clip.encode_from_tokens(toks, return_pooled=True)
     torch.testing.assert_close(p[0], pooled[0].float())
     torch.testing.assert_close(p[0], plain[0][0][0, eos].float())

@@ -27,7 +27,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def loader():
-    return pack_module("nodes.unet_loader")
+    return pack_module("safegen_comfy.unlearned")
 
 
 def unet_sd(mp):

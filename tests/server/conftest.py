@@ -81,7 +81,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"url {srv.url}  start-up {srv.startup_seconds:.1f} s  idle RSS "
                       f"{rss / 2**20:.0f} MiB" if rss else f"url {srv.url}  start-up "
                       f"{srv.startup_seconds:.1f} s")
-        tr.write_line(f"torchvision placeholder used: {srv.used_torchvision_stub}")
+        tr.write_line("import-only placeholders used: "
+                      + (", ".join(f"{k}={v}" for k, v in srv.used_stubs.items()) or "-"))
         ids = getattr(srv, "safegen_node_ids", [])
         tr.write_line(f"SafeGen nodes loaded ({len(ids)}): {', '.join(ids) or '-'}")
     err = srv.pack_import_error()

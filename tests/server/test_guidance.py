@@ -75,7 +75,7 @@ def test_node_schemas(comfy_server):
     options = spec[0] if isinstance(spec[0], list) else spec[1].get("options")
     assert options == ["weak", "medium", "strong", "max", "custom"]
     assert info["SafeGen_SLDGuider"]["output"] == ["GUIDER"]
-    assert "EMBEDDING" in str(info["SafeGen_SAFREEPromptFilter"]["input"]["optional"]["embedding"])
+    assert info["SafeGen_SAFREEPromptFilter"]["input"]["optional"]["embedding"][0] == "SAFEGEN_EMBEDDING"
 
 
 def test_sld_sd1_noop_scale_guider_and_ine(comfy_server):

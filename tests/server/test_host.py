@@ -1,11 +1,14 @@
 """The harness (tools/comfy_host.py) against a real ComfyUI server; no models needed."""
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 
 import pytest
 
-from tools.comfy_host import REPO_ROOT, ExecutionError, PromptError, RunResult
+from tools.comfy_host import (PLACEHOLDER_STUBS, REPO_ROOT, ExecutionError, PromptError, RunResult,
+                              find_working)
 
 
 def empty_image_graph(width=64, height=64, color=0x3366CC, prefix="host_test"):
@@ -134,3 +137,48 @@ def test_server_keeps_serving_after_errors(comfy_server):
     assert_solid(res.images()[0], (32, 40), color)
     assert comfy_server.is_running()
     assert comfy_server.system_stats()["system"]["comfyui_version"]
+
+
+# Run with only the placeholder on the path: every submodule imports, attributes resolve, a
+# subclass can be defined, and every call raises a RuntimeError that names the package.
+_PLACEHOLDER_PROBE = """
+import importlib, sys
+name = sys.argv[1]
+top = importlib.import_module(name)
+assert top.__placeholder__ is True and top.__file__.startswith(sys.argv[2]), top
+sub = importlib.import_module(name + ".functional.some.deep_module")
+from_import = getattr(importlib.import_module(name), "transforms")
+assert type(from_import).__name__ == "_PlaceholderModule", from_import
+const = sub.SomeClass.SOME_CONSTANT
+class Sub(sub.SomeClass):
+    pass
+for what, call in [("function", lambda: sub.resample(1, 2, 3)), ("attribute", lambda: const()),
+                   ("subclass", lambda: Sub()), ("module", lambda: sub())]:
+    try:
+        call()
+    except RuntimeError as e:
+        assert f"{name} placeholder" in str(e) and f"install a real {name}" in str(e), (what, e)
+    else:
+        raise AssertionError(f"calling a {what} of the {name} placeholder did not raise")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", sorted(PLACEHOLDER_STUBS))
+def test_placeholder_is_import_only(comfy_server, name):
+    stub = str(PLACEHOLDER_STUBS[name])
+    env = dict(os.environ, PYTHONPATH=stub)
+    p = subprocess.run([str(comfy_server.python), "-c", _PLACEHOLDER_PROBE, name, stub], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+
+
+def test_placeholders_only_without_a_working_package(comfy_server):
+    """Each placeholder is on the server's path exactly when its interpreter has no working real
+    package; with them, no stock module fails for want of torchvision/torchaudio (ComfyUI >= 0.20
+    cannot even start without torchaudio: comfy/sd.py imports it)."""
+    for name in PLACEHOLDER_STUBS:
+        assert comfy_server.used_stubs[name] == (not find_working(name, str(comfy_server.python))), name
+    log = comfy_server.log_text()
+    for name in PLACEHOLDER_STUBS:
+        assert f"No module named '{name}" not in log, name

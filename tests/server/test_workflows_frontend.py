@@ -3,8 +3,17 @@ Chromium) and run through the HTTP API.
 
 * Each UI workflow in ``workflows/`` loads with no missing node type, no node in error and no
   "missing nodes" dialog; the frontend's own API conversion of it (``app.graphToPrompt``) equals
-  its API twin in ``workflows/api/`` (the two formats cannot drift apart). A screenshot of each is
-  kept in ``artifacts/frontend/``.
+  its API twin in ``workflows/api/`` (the two formats cannot drift apart) on every input the server
+  declares; only the frontend-only widgets in ``FE.FRONTEND_ONLY_INPUTS`` may differ (PreviewAny's
+  ``preview``: frontend 1.32 sends it, 1.49 does not). The graph checked is verified to be the
+  one loaded (not the frontend's start-up graph). A screenshot of each is kept in
+  ``artifacts/frontend/``.
+* Missing model files: frontend 1.4x (ComfyUI 0.33) marks a loader whose model file the server
+  lacks as an error; 1.32 did not. The check runs with the model files the workflows name present
+  as empty, name-only placeholders (``FE.model_placeholders``; removed afterwards, so the run tests
+  below still depend on the files an earlier workflow makes), and every fixed choice the
+  workflows use must then be offered by the server. So *no* node error is tolerated, on either
+  version: a node error left is a real one.
 * ComfyUI lists the UI workflows as this pack's templates (``/workflow_templates``) and serves them.
 * Each API twin runs to completion through ``POST /prompt`` on the tiny SD1 model
   (``tools.workflows.adapt``: 64 px, 3 sampling steps, 2 training steps), in an order where the
@@ -25,7 +34,19 @@ from tools.unlearned_files import perturb, select, write_ldm
 @pytest.fixture(scope="module")
 def checked(comfy_server):
     FE.ensure_browser()
-    return {r["file"]: r for r in FE.run_js("check", comfy_server.url, FE.ARTIFACTS, FE.ui_workflows())}
+    graphs = {name: WF.build(name) for name in WF.WORKFLOWS}
+    with FE.model_placeholders(comfy_server.models_dir, graphs, comfy_server.object_info()) as made:
+        info = comfy_server.object_info()  # now listing the placeholders
+        unoffered = FE.unoffered_choices(graphs, info)
+        results = FE.run_js("check", comfy_server.url, FE.ARTIFACTS, FE.ui_workflows())
+    return {"by_file": {r["file"]: r for r in results}, "declared": FE.declared_inputs(info),
+            "placeholders": [str(p.relative_to(comfy_server.models_dir)) for p in made],
+            "unoffered": unoffered}
+
+
+def test_workflow_choices_offered_by_server(checked):
+    """With the model files present, the server offers every fixed choice the workflows use."""
+    assert checked["unoffered"] == [], checked
 
 
 def test_every_workflow_has_ui_and_api_form():
@@ -39,12 +60,16 @@ def test_every_workflow_has_ui_and_api_form():
 @pytest.mark.parametrize("name", list(WF.WORKFLOWS))
 def test_ui_workflow_loads_in_frontend(checked, name):
     path = str(FE.REPO / "workflows" / f"{name}.json")
-    r = checked[path]
-    assert r["missing"] == [] and r["errors"] == [] and r["dialog"] == "", r
+    r = checked["by_file"][path]
+    shown = {k: r.get(k) for k in ("graph_loaded", "graph_shown", "load_attempts")}
+    assert r["loaded"], f"the frontend shows another graph than the one loaded: {shown}"
+    assert r["missing"] == [] and r["errors"] == [] and r["dialog"] == "", \
+        {k: r[k] for k in ("missing", "errors", "error_details", "dialog", "page_errors")}
     assert r["n_nodes"] == len(WF.build(name))
-    got = FE.normalise_api(r["output"])
-    want = FE.normalise_api(WF.build(name))
+    got, got_extra = FE.split_declared(r["output"], checked["declared"])
+    want, want_extra = FE.split_declared(WF.build(name), checked["declared"])
     assert got == want
+    assert got_extra | want_extra <= FE.FRONTEND_ONLY_INPUTS, (got_extra, want_extra)
     assert (FE.ARTIFACTS / f"{name}.png").stat().st_size > 10_000
 
 
