@@ -67,6 +67,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("comfy.sd1_clip", "SDClipModel.__init__", ("layer", "layer_idx", "layer_norm_hidden_state"),
              ("Safe Text Encoder Trainer",), "which layer the conditioning is read from"),
     Internal("comfy.sd", "CLIP.clone", (), _TRAIN + ("Safe Text Encoder",)),
+    Internal("comfy.clip_model", "CLIPLayer.forward", ("x", "mask", "optimized_attention"), _TRAIN,
+             "replaced out of place while training (layer_norm1, self_attn, layer_norm2, mlp)"),
     Internal("comfy.sd", "CLIP.load_model", (), ("SAFREE Prompt Filter",)),
     Internal("comfy.sd", "CLIP.encode_from_tokens", ("tokens", "return_pooled"), _TEXT + _TRAIN),
     Internal("comfy.sd", "CLIP.encode_from_tokens_scheduled", ("tokens",), _TEXT),
@@ -506,11 +508,13 @@ def trainable(*patchers):
     (patches and weight wrappers applied) each inference parameter/buffer of the shared module is
     swapped for a normal tensor sharing its memory (``torch.nn.Module._parameters``/``_buffers``;
     no copy) and restored in ``finally``. Weights stay frozen (``requires_grad=False``).
-    CLIP layers add in place (comfy/clip_model.py CLIPLayer.forward ``x +=``); autograd runs with
-    ``torch.autograd.graph.allow_mutation_on_saved_tensors`` instead of replacing that forward:
-    the caller wraps forward+backward in :func:`autograd_context`."""
+    CLIP layers add in place (comfy/clip_model.py CLIPLayer.forward ``x +=``, 0.3.75 and 0.33.0),
+    which autograd cannot differentiate (layer_norm1 saved ``x``): while active, each CLIPLayer of
+    the clones gets the same computation out of place as an instance ``forward`` (removed in
+    ``finally``). ``torch.autograd.graph.allow_mutation_on_saved_tensors`` would avoid that, but its
+    dispatch mode made CLIP training several times slower here."""
     import comfy.model_management as mm
-    swaps, frozen = [], []
+    swaps, frozen, overrides = [], [], []
     with torch.inference_mode(False):
         try:
             mm.load_models_gpu(list(patchers), memory_required=1e20, force_full_load=True)
@@ -531,8 +535,13 @@ def trainable(*patchers):
                                 a = torch.nn.Parameter(a, requires_grad=False)
                             table[n] = a
                             swaps.append((table, n, t, a))
+                    if type(mod).__name__ == "CLIPLayer":
+                        mod.forward = _out_of_place_clip_layer(mod)
+                        overrides.append(mod)
             yield
         finally:
+            for mod in overrides:
+                mod.__dict__.pop("forward", None)
             for table, n, orig, a in swaps:
                 if table.get(n) is a:  # ComfyUI may have re-patched meanwhile: keep its tensor then
                     table[n] = orig
@@ -540,10 +549,12 @@ def trainable(*patchers):
                 t.requires_grad_(True)
 
 
-def autograd_context():
-    """In-place adds on tensors autograd saved (ComfyUI's CLIPLayer) are allowed: torch clones them
-    lazily. Wrap forward AND backward."""
-    return torch.autograd.graph.allow_mutation_on_saved_tensors()
+def _out_of_place_clip_layer(layer):
+    """comfy/clip_model.py CLIPLayer.forward (0.3.75, 0.33.0) without the in-place adds."""
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
 
 
 def release(patcher, mode: str, wrappers=()) -> None:

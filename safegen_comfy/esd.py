@@ -83,7 +83,8 @@ def erasure_session(model, clip, variant: str, width: int, height: int):
 
 
 def text_cond(clip, prompt: str, vectors: dict | None = None):
-    """(cond, pooled) as normal (non-inference) tensors, no autograd; ``embedding:NAME`` = ``vectors``."""
+    """(cond, pooled) as normal (non-inference) tensors, no autograd; ``embedding:safegen_vectors`` in
+    ``prompt`` is ``vectors``."""
     with torch.inference_mode(False), torch.no_grad():
         if vectors is None:
             tokens = clip.tokenize(prompt)

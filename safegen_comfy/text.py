@@ -17,6 +17,7 @@ import folder_paths
 from . import compat
 
 MARKER = "{}"
+REF = "safegen_vectors"  # stands for the in-memory vectors in a prompt: embedding:safegen_vectors
 
 
 def encoders(clip) -> dict[str, object]:
@@ -27,7 +28,7 @@ def embedding_widths(clip) -> dict[str, int]:
     return {k: compat.embedding_width(t) for k, t in encoders(clip).items()}
 
 
-def prompt_with_embedding(text: str, strength: float = 1.0, ref: str = "NAME") -> str:
+def prompt_with_embedding(text: str, strength: float = 1.0, ref: str = REF) -> str:
     """``text`` with ``embedding:<ref>`` where ``{}`` is (prepended when there is none)."""
     emb = f"embedding:{ref}" if strength == 1.0 else f"(embedding:{ref}:{strength:g})"
     text = text or MARKER
@@ -60,8 +61,8 @@ class SplicedTokens:
 
 
 def tokenize_with_vectors(clip, text: str, vectors: dict[str, torch.Tensor]) -> SplicedTokens:
-    """Tokenize ``text`` (``{}`` marks the embedding, see :func:`prompt_with_embedding`) with
-    ``vectors`` ({'l': [n, 768], 'g': [n, 1280]}) where it is referenced."""
+    """Tokenize ``text`` with ``vectors`` ({'l': [n, 768], 'g': [n, 1280]}) where it says
+    ``embedding:safegen_vectors`` (see :func:`prompt_with_embedding`)."""
     toks = encoders(clip)
     missing = [e for e in toks if e not in vectors]
     if missing:
@@ -69,7 +70,7 @@ def tokenize_with_vectors(clip, text: str, vectors: dict[str, torch.Tensor]) -> 
     ph = _placeholders({e: vectors[e] for e in toks})
     file_tensors = {compat.embedding_key(t): ph[e] for e, t in toks.items()}
     with compat.embedding_file_in_reach(clip, file_tensors, folder_paths.get_folder_paths("embeddings")) as name:
-        tokens = clip.tokenize(text.replace("embedding:NAME", f"embedding:{name}"))
+        tokens = clip.tokenize(text.replace(f"embedding:{REF}", f"embedding:{name}"))
     slots = {}
     for e in toks:
         rows = ph[e]
@@ -81,7 +82,7 @@ def tokenize_with_vectors(clip, text: str, vectors: dict[str, torch.Tensor]) -> 
                     hit = (rows == t.to(rows.dtype)).all(dim=-1).nonzero()
                     if len(hit):
                         found.append((ci, pi, int(hit[0])))
-        if "embedding:NAME" in text and not found:
+        if f"embedding:{REF}" in text and not found:
             raise ValueError(f"the embedding vectors did not reach the clip_{e} tokenizer "
                              f"(width {rows.shape[-1]} expected by it)")
         slots[e] = found
@@ -93,7 +94,8 @@ def tokens_with_vectors(clip, text: str, vectors: dict[str, torch.Tensor]) -> di
 
 
 def encode(clip, text: str, vectors: dict[str, torch.Tensor] | None = None):
-    """[[cond, {"pooled_output": …}]] like CLIPTextEncode; ``embedding:NAME`` in ``text`` is ``vectors``."""
+    """[[cond, {"pooled_output": …}]] like CLIPTextEncode; ``embedding:safegen_vectors`` in ``text``
+    (see :func:`prompt_with_embedding`) is ``vectors``."""
     tokens = clip.tokenize(text) if vectors is None else tokens_with_vectors(clip, text, vectors)
     return clip.encode_from_tokens_scheduled(tokens)
 

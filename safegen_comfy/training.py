@@ -125,8 +125,7 @@ def run(params: dict, loss_fn, *, steps: int, lr: float, seed: int, optimizer: s
         kind: str = "", name: str = "", resume: bool = False, fingerprint: dict | None = None,
         ckpt_dir: str | None = None) -> TrainResult:
     """``safegen_core.training.train`` with ComfyUI's progress bar, interrupt and checkpoint folder
-    (output/safegen_checkpoints/<kind>/<name>, or ``ckpt_dir``). Forward and backward run with
-    in-place ops on saved tensors allowed (ComfyUI's CLIP layers add in place)."""
+    (output/safegen_checkpoints/<kind>/<name>, or ``ckpt_dir``)."""
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, optimizer=optimizer, checkpoint_every=checkpoint_every,
                       keep_checkpoints=keep_checkpoints, preview_every=preview_every)
     progress = common.Progress(steps, label)
@@ -136,9 +135,8 @@ def run(params: dict, loss_fn, *, steps: int, lr: float, seed: int, optimizer: s
     if on_preview is not None and preview_every > 0:
         def preview(step):
             progress.preview = on_preview(step)
-    with compat.autograd_context():
-        return train(params, loss_fn, cfg,
-                     TrainCallbacks(on_step=lambda s, n, lv: progress.step(s, lv),
-                                    check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                    on_preview=preview),
-                     ckpt_dir=ckpt_dir, resume=resume, fingerprint=fingerprint or {})
+    return train(params, loss_fn, cfg,
+                 TrainCallbacks(on_step=lambda s, n, lv: progress.step(s, lv),
+                                check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                on_preview=preview),
+                 ckpt_dir=ckpt_dir, resume=resume, fingerprint=fingerprint or {})

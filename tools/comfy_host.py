@@ -12,10 +12,12 @@ runner) and is re-exported here. It never imports ``comfy``: ComfyUI runs in its
         res = srv.run({"1": {"class_type": "EmptyImage", "inputs": {...}}, ...})
         img = res.images()[0]
 
-Defaults: ComfyUI at ``<repo>/.comfyui`` (env ``SAFEGEN_COMFYUI``), interpreter
-``<repo>/.venv/bin/python`` (env ``SAFEGEN_PYTHON``). When that interpreter has no working
-torchvision, the import-only placeholder in ``tools/torchvision_stub`` is put on the
-server's PYTHONPATH (never otherwise).
+Defaults: ComfyUI at ``<repo>/.comfyui`` (env ``SAFEGEN_COMFYUI``; located by
+``tools.tiny_models.comfyui_dir``, the one helper), interpreter ``<repo>/.venv/bin/python``
+(env ``SAFEGEN_PYTHON``). For each package in ``tools.tiny_models.PLACEHOLDER_STUBS``
+(torchvision, torchaudio) that the interpreter cannot import in working order, the
+import-only placeholder in ``tools/<name>_stub`` is put on the server's PYTHONPATH (never
+otherwise).
 """
 from __future__ import annotations
 
@@ -40,15 +42,19 @@ from safegen_batch.client import (  # noqa: E402, F401
     TERMINAL_EVENTS, ComfyClient, ComfyHostError, ExecutionError, PromptError, PromptInterrupted,
     RunResult, RunTimeoutError, _http, _node_sort_key)
 
-TORCHVISION_STUB_DIR = REPO_ROOT / "tools" / "torchvision_stub"
+from tools.tiny_models import PLACEHOLDER_STUBS, comfyui_dir  # noqa: E402  one locator, one stub list
+
+TORCHVISION_STUB_DIR = PLACEHOLDER_STUBS["torchvision"]
+TORCHAUDIO_STUB_DIR = PLACEHOLDER_STUBS["torchaudio"]
 MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "unet", "embeddings", "loras",
                  "text_encoders", "clip", "vae")
 PACK_LINK_NAME = "safegen"
 
 __all__ = [
-    "free_port", "find_working_torchvision", "ComfyServer", "ComfyClient", "RunResult",
+    "free_port", "find_working", "find_working_torchvision", "ComfyServer", "ComfyClient", "RunResult",
     "ComfyHostError", "ServerStartError", "PromptError", "ExecutionError",
     "RunTimeoutError", "PromptInterrupted", "REPO_ROOT", "TORCHVISION_STUB_DIR",
+    "TORCHAUDIO_STUB_DIR", "PLACEHOLDER_STUBS",
 ]
 
 
@@ -65,36 +71,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_PROBE = (
-    "import sys, torch, torchvision, torchvision.ops, torchvision.transforms.functional\n"
-    "if getattr(torchvision, '__placeholder__', False) or not getattr(torchvision, '__version__', None):\n"
-    "    sys.exit(3)\n"
-    "keep = torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
-    "assert keep.shape == (1,), keep\n"
-)
+# Per placeholder: a probe that exits 0 only when the *real* package imports and its compiled
+# ops run (PyPI's CUDA-linked wheels fail here beside torch+cpu).
+_PROBES = {
+    "torchvision": (
+        "import sys, torch, torchvision, torchvision.ops, torchvision.transforms.functional\n"
+        "if getattr(torchvision, '__placeholder__', False) or not getattr(torchvision, '__version__', None):\n"
+        "    sys.exit(3)\n"
+        "keep = torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+        "assert keep.shape == (1,), keep\n"
+    ),
+    "torchaudio": (
+        "import sys, torch, torchaudio, torchaudio.functional\n"
+        "if getattr(torchaudio, '__placeholder__', False) or not getattr(torchaudio, '__version__', None):\n"
+        "    sys.exit(3)\n"
+        "y = torchaudio.functional.resample(torch.zeros(1, 16), 2, 1)\n"
+        "assert y.shape == (1, 8), y.shape\n"
+    ),
+}
+_PROBE = _PROBES["torchvision"]  # kept for callers of the old name
+
+
+def _without_stubs(pythonpath: str) -> list[str]:
+    stubs = {p.resolve() for p in PLACEHOLDER_STUBS.values()}
+    return [p for p in pythonpath.split(os.pathsep) if p and Path(p).resolve() not in stubs]
 
 
 @lru_cache(maxsize=None)
-def find_working_torchvision(python: str | os.PathLike | None = None) -> bool:
-    """True when ``python`` imports a *real* torchvision whose compiled ops run.
+def find_working(package: str, python: str | os.PathLike | None = None) -> bool:
+    """True when ``python`` imports a *real* ``package`` (a key of PLACEHOLDER_STUBS) whose
+    compiled ops run.
 
-    Runs in a subprocess with the placeholder's directory removed from PYTHONPATH, so the
-    placeholder itself never counts as working. Cached per interpreter.
+    Runs in a subprocess with the placeholders' directories removed from PYTHONPATH, so a
+    placeholder never counts as working. Cached per (package, interpreter).
     """
     python = str(python or _default_python())
     env = dict(os.environ)
-    pp = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-          if p and Path(p).resolve() != TORCHVISION_STUB_DIR.resolve()]
+    pp = _without_stubs(env.get("PYTHONPATH", ""))
     if pp:
         env["PYTHONPATH"] = os.pathsep.join(pp)
     else:
         env.pop("PYTHONPATH", None)
     try:
-        r = subprocess.run([python, "-c", _PROBE], env=env, cwd=str(Path(python).parent),
+        r = subprocess.run([python, "-c", _PROBES[package]], env=env, cwd=str(Path(python).parent),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
+
+
+def find_working_torchvision(python: str | os.PathLike | None = None) -> bool:
+    """``find_working("torchvision", python)``."""
+    return find_working("torchvision", str(python) if python else None)
 
 
 def _default_python() -> Path:
@@ -102,7 +130,7 @@ def _default_python() -> Path:
 
 
 def _default_comfy_dir() -> Path:
-    return Path(os.environ.get("SAFEGEN_COMFYUI") or REPO_ROOT / ".comfyui")
+    return comfyui_dir()
 
 
 # --------------------------------------------------------------------------- server
@@ -117,7 +145,8 @@ class ComfyServer:
                  comfy_dir: str | os.PathLike | None = None,
                  python: str | os.PathLike | None = None, extra_args: Iterable[str] = (),
                  env: Mapping[str, str] | None = None, log_path: str | os.PathLike | None = None,
-                 *, torchvision_stub: bool | None = None, link_pack: bool = True):
+                 *, torchvision_stub: bool | None = None, torchaudio_stub: bool | None = None,
+                 link_pack: bool = True):
         self.base_dir = Path(base_dir).resolve()
         self.port = int(port) if port else free_port()
         self.comfy_dir = Path(comfy_dir or _default_comfy_dir()).resolve()
@@ -125,15 +154,33 @@ class ComfyServer:
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.log_path = Path(log_path) if log_path else self.base_dir / "comfyui.log"
-        self.torchvision_stub = torchvision_stub  # None: auto (only if no working torchvision)
+        # per placeholder: None = auto (only if the interpreter has no working real package)
+        self.stubs: dict[str, bool | None] = {"torchvision": torchvision_stub,
+                                              "torchaudio": torchaudio_stub}
         self.link_pack = link_pack
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
         self.client = ComfyClient(self.url)
         self.startup_seconds: float | None = None
-        self.used_torchvision_stub: bool | None = None
+        self.used_stubs: dict[str, bool] = {}
 
     # -- properties
+    @property
+    def torchvision_stub(self) -> bool | None:
+        return self.stubs["torchvision"]
+
+    @torchvision_stub.setter
+    def torchvision_stub(self, value: bool | None) -> None:
+        self.stubs["torchvision"] = value
+
+    @property
+    def used_torchvision_stub(self) -> bool | None:
+        return self.used_stubs.get("torchvision")
+
+    @property
+    def used_torchaudio_stub(self) -> bool | None:
+        return self.used_stubs.get("torchaudio")
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -221,16 +268,17 @@ class ComfyServer:
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-        use_stub = self.torchvision_stub
-        if use_stub is None:
-            use_stub = TORCHVISION_STUB_DIR.is_dir() and not find_working_torchvision(str(self.python))
-        pp = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-              if p and Path(p).resolve() != TORCHVISION_STUB_DIR.resolve()]
-        if use_stub:
-            if not (TORCHVISION_STUB_DIR / "torchvision").is_dir():
-                raise ServerStartError(f"torchvision placeholder missing: {TORCHVISION_STUB_DIR}")
-            pp.insert(0, str(TORCHVISION_STUB_DIR))
-        self.used_torchvision_stub = bool(use_stub)
+        pp = _without_stubs(env.get("PYTHONPATH", ""))
+        self.used_stubs = {}
+        for name, stub_dir in PLACEHOLDER_STUBS.items():
+            use_stub = self.stubs.get(name)
+            if use_stub is None:
+                use_stub = stub_dir.is_dir() and not find_working(name, str(self.python))
+            if use_stub:
+                if not (stub_dir / name).is_dir():
+                    raise ServerStartError(f"{name} placeholder missing: {stub_dir}")
+                pp.insert(0, str(stub_dir))
+            self.used_stubs[name] = bool(use_stub)
         if pp:
             env["PYTHONPATH"] = os.pathsep.join(pp)
         else:
@@ -367,7 +415,7 @@ if __name__ == "__main__":  # manual use: python tools/comfy_host.py BASE_DIR [P
     srv = ComfyServer(base, port=int(sys.argv[2]) if len(sys.argv) > 2 else None)
     srv.start()
     print(f"ComfyUI ready at {srv.url} (pid {srv.pid}, {srv.startup_seconds:.1f} s, "
-          f"stub={srv.used_torchvision_stub}); Ctrl-C stops it", flush=True)  # noqa: T201
+          f"placeholders={srv.used_stubs}); Ctrl-C stops it", flush=True)  # noqa: T201
     try:
         while srv.is_running():
             time.sleep(1)

@@ -62,32 +62,49 @@ _SAFETENSORS_META_KEY = "safegen.tiny_model"
 # --------------------------------------------------------------------------------------------
 
 def comfyui_dir() -> Path:
-    """The ComfyUI source folder: ``$SAFEGEN_COMFYUI`` or ``<repo>/.comfyui``."""
+    """The ComfyUI source folder: ``$SAFEGEN_COMFYUI`` or ``<repo>/.comfyui``.
+
+    The one place that locates ComfyUI (tools/comfy_host.py, the tests and benchmarks use it)."""
     env = os.environ.get("SAFEGEN_COMFYUI")
     return Path(env).resolve() if env else REPO_ROOT / ".comfyui"
 
 
-def _ensure_torchvision() -> None:
-    """Put the import-only torchvision placeholder first on sys.path when no working one imports."""
-    if "torchvision" in sys.modules:
+# Import-only placeholders (tools/<name>_stub/<name>) for packages whose PyPI wheels do not load
+# beside the CPU-only torch, yet ComfyUI imports at module level: torchvision (0.3.75: cascade,
+# cosmos, ace; spandrel) and torchaudio (>= 0.20: comfy/sd.py -> lightricks audio_vae). Each is put
+# on the path only when no working copy of the real package imports: here in-process
+# (setup_comfy_import), and on the server's PYTHONPATH in tools/comfy_host.py.
+PLACEHOLDER_STUBS: dict[str, Path] = {
+    name: REPO_ROOT / "tools" / f"{name}_stub" for name in ("torchvision", "torchaudio")
+}
+# transformers' cached availability checks to settle before a placeholder becomes importable
+_TRANSFORMERS_CHECKS = {
+    "torchvision": ("is_torchvision_available",),
+    "torchaudio": ("is_torchaudio_available", "is_speech_available"),
+}
+
+
+def _ensure_placeholder(name: str) -> None:
+    """Put the import-only placeholder for ``name`` first on sys.path when no working one imports."""
+    if name in sys.modules:
         return
-    if importlib.util.find_spec("torchvision") is not None:
+    if importlib.util.find_spec(name) is not None:
         try:
-            importlib.import_module("torchvision")
+            importlib.import_module(name)
             return
         except Exception as exc:  # e.g. "operator torchvision::nms does not exist"
-            log.warning("torchvision does not import (%s); using the placeholder", exc)
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-                del sys.modules[name]
-    _prime_transformers_without_torchvision()
-    stub = str(REPO_ROOT / "tools" / "torchvision_stub")
+            log.warning("%s does not import (%s); using the placeholder", name, exc)
+            for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[mod]
+    _prime_transformers_without(name)
+    stub = str(PLACEHOLDER_STUBS[name])
     if stub not in sys.path:
         sys.path.insert(0, stub)
     importlib.invalidate_caches()
 
 
-def _prime_transformers_without_torchvision() -> None:
-    """Let transformers record (lru_cache) that torchvision is absent *before* the placeholder
+def _prime_transformers_without(name: str) -> None:
+    """Let transformers record (lru_cache) that ``name`` is absent *before* the placeholder
     becomes importable: otherwise it takes the placeholder for a real install and, e.g.,
     ``CLIPImageProcessor`` picks its torchvision backend, whose calls then raise."""
     if importlib.util.find_spec("transformers") is None:
@@ -95,13 +112,16 @@ def _prime_transformers_without_torchvision() -> None:
     try:
         from transformers.utils import import_utils
 
-        import_utils.is_torchvision_available()
+        for check in _TRANSFORMERS_CHECKS.get(name, ()):
+            fn = getattr(import_utils, check, None)
+            if fn is not None:
+                fn()
     except Exception as exc:  # never let this optional step break the import of ComfyUI
-        log.debug("could not prime transformers' torchvision check: %s", exc)
+        log.debug("could not prime transformers' %s check: %s", name, exc)
 
 
 def setup_comfy_import() -> None:
-    """Make ``import comfy...`` work here: ComfyUI on sys.path, CPU mode, torchvision if needed.
+    """Make ``import comfy...`` work here: ComfyUI on sys.path, CPU mode, placeholders if needed.
 
     ``args.cpu`` is only set if ``comfy.model_management`` has not been imported yet (setting it
     afterwards has no effect; inside a running ComfyUI its own command line rules).
@@ -111,7 +131,8 @@ def setup_comfy_import() -> None:
         raise FileNotFoundError(f"ComfyUI source not found at {cdir} (set SAFEGEN_COMFYUI)")
     if cdir not in sys.path:
         sys.path.insert(0, cdir)
-    _ensure_torchvision()
+    for name in PLACEHOLDER_STUBS:
+        _ensure_placeholder(name)
     if "comfy.model_management" not in sys.modules:
         import comfy.cli_args
 
