@@ -61,7 +61,7 @@ def dark_miner(model, clip, concept, anchors, *, variant="x", rounds=4, mining_s
     mine_lat, verify_lat = dm_core.split_latents(latents)
     h, w = int(latents.shape[-2]), int(latents.shape[-1])
     fingerprint = {
-        "method": "dark_miner", "model": model_fingerprint(model), "concept": concept,
+        "method": "dark_miner", "model": None, "concept": concept,
         "anchors": content_hash("\n".join(anchors)), "variant": variant,
         "eta": eta, "anchor_weight": anchor_weight, "sampling_steps": sampling_steps,
         "start_guidance": start_guidance, "latents": weights_fingerprint({"x": latents}),
@@ -72,6 +72,7 @@ def dark_miner(model, clip, concept, anchors, *, variant="x", rounds=4, mining_s
     save_states = checkpoint_every > 0
     last = {}
     with esd.erasure_session(model, clip, variant, w, h) as er:
+        fingerprint["model"] = model_fingerprint(er.model)  # once per run
         null = esd.text_cond(er.clip, "")
         c_concept = esd.text_cond(er.clip, concept)
         anchor_conds = [esd.text_cond(er.clip, a) for a in anchors]
@@ -94,7 +95,8 @@ def dark_miner(model, clip, concept, anchors, *, variant="x", rounds=4, mining_s
             res, _ = invert(model, clip, mine_lat, name=f"{name}_round{r}", num_vectors=n_vec, template="{}",
                             steps=mining_steps, learning_rate=mining_lr, batch_size=min(4, mine_lat.shape[0]),
                             seed=seed * 1000 + r, objective="ldm", checkpoint_every=0, resume=False,
-                            init_vectors={k: v[:n_vec] for k, v in init.items()}, sess=er.session)
+                            init_vectors={k: v[:n_vec] for k, v in init.items()}, sess=er.session,
+                            model_hash=fingerprint["model"])
             win = max(1, len(res.losses) // 10)
             m = dm_core.Mined({k: v.detach().float().cpu() for k, v in res.params.items()},
                               sum(res.losses[-win:]) / win if res.losses else float("nan"))

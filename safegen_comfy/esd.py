@@ -153,10 +153,11 @@ def esd_erase(model, clip, concept, *, variant="x", eta=1.0, steps=200, learning
     """Run ESD; returns dict(result, keys, targets, patches, fingerprint)."""
     concept, variant = check_settings(concept, "ESD Concept Eraser", variant, xt_sampler)
     ch, h, w = latent_size(model, resolution)
-    fingerprint = {"method": "esd", "model": model_fingerprint(model), "concept": concept, "variant": variant,
+    fingerprint = {"method": "esd", "model": None, "concept": concept, "variant": variant,
                    "eta": eta, "sampling_steps": sampling_steps, "start_guidance": start_guidance,
                    "latent": [ch, h, w], "xt_sampler": xt_sampler}
     with erasure_session(model, clip, variant, w, h) as er:
+        fingerprint["model"] = model_fingerprint(er.model)
         c_concept, c_null = text_cond(er.clip, concept), text_cond(er.clip, "")
         sigmas = esd_core.ddim_sigmas(common.model_sigmas(model), sampling_steps)
         loss_fn = esd_core.make_esd_loss_fn(er.eps, c_concept, c_null, sigmas, [1, ch, h, w], eta=eta,

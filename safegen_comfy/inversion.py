@@ -9,7 +9,6 @@ import os
 import numpy as np
 import torch
 
-import comfy.model_management as mm
 import folder_paths
 
 from ..safegen_core import inversion as inversion_core
@@ -55,10 +54,11 @@ def load_folder_images(folder: str, resolution: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def model_fingerprint(model) -> str:
-    """Content hash of the MODEL's effective UNet weights (patches applied), cheap to compute."""
-    mm.load_models_gpu([model], force_full_load=True)
-    return weights_fingerprint(compat.unet(model).state_dict())
+def model_fingerprint(trainable_model) -> str:
+    """Content hash of a loaded trainable clone's effective UNet weights (the input MODEL's patches
+    applied; training wrappers do not change the stored weights). Computed on the clone, which is never
+    a streaming (dynamic-VRAM) patcher."""
+    return weights_fingerprint(compat.unet(trainable_model).state_dict())
 
 
 def init_token_vectors(clip, init_text: str) -> dict[str, torch.Tensor]:
@@ -79,10 +79,9 @@ def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text
     """Concept inversion on ``latents`` (model space, [B,4,h,w]); returns (TrainResult, fingerprint).
 
     ``sess``: an open :func:`training.session` holding trainable clones of ``model``/``clip`` (Dark Miner
-    mines in its own session); otherwise one is opened here. The model is hashed only for checkpoints."""
+    mines in its own session); otherwise one is opened here. ``model_hash``: the hash of the model's
+    weights when the caller has it (Dark Miner hashes once per run), else computed on the clone."""
     widths = text.embedding_widths(clip)
-    if model_hash is None and (checkpoint_every or resume):
-        model_hash = model_fingerprint(model)
     fingerprint = {"model": model_hash, "num_vectors": num_vectors, "init_text": init_text,
                    "template": template, "batch_size": batch_size, "objective": objective,
                    "images": int(latents.shape[0]),
@@ -100,6 +99,8 @@ def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text
         owned = sess is None
         ctx = training.session(model, clip) if owned else contextlib.nullcontext(sess)
         with ctx as s:
+            if fingerprint["model"] is None:
+                fingerprint["model"] = model_fingerprint(s.model)
             prompt = text.prompt_with_embedding(template)
             spliced = text.tokenize_with_vectors(s.clip, prompt, params)
             neg_cond = neg_pooled = None
@@ -140,8 +141,8 @@ def train_concept_inversion(model, clip, vae, *, name, images=None, image_folder
             raise ValueError("Concept Inversion Trainer needs images: connect an IMAGE batch or set image_folder")
         images = load_folder_images(image_folder, resolution)
     latents = common.encode_images(model, vae, images)
-    model_hash = model_fingerprint(model)
-    result, _ = invert(model, clip, latents, name=name, vae=vae, model_hash=model_hash, **settings)
+    result, fingerprint = invert(model, clip, latents, name=name, vae=vae, **settings)
+    model_hash = fingerprint["model"]
     steps = settings.get("steps", 500)
     vectors = result.params
     final = result.losses[-1] if result.losses else float("nan")

@@ -95,7 +95,6 @@ def concept_vectors(clip, concepts: list[str], embeddings: list[dict]) -> dict[s
     """Per encoder: pooled outputs of each concept phrase (encoded separately) and of each
     implicit negative embedding (its vectors alone, between start and end token)."""
     encs = text.encoders(clip)
-    widths = text.embedding_widths(clip)
     chunks = {e: [] for e in encs}
     for phrase in concepts:
         toks = clip.tokenize(phrase)

@@ -131,12 +131,11 @@ def run(params: dict, loss_fn, *, steps: int, lr: float, seed: int, optimizer: s
     progress = common.Progress(steps, label)
     if ckpt_dir is None and (checkpoint_every or resume):
         ckpt_dir = common.checkpoint_dir(kind, name)
-    preview = None
-    if on_preview is not None and preview_every > 0:
-        def preview(step):
-            progress.preview = on_preview(step)
+
+    def preview(step):
+        progress.preview = on_preview(step)
     return train(params, loss_fn, cfg,
                  TrainCallbacks(on_step=lambda s, n, lv: progress.step(s, lv),
                                 check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                on_preview=preview),
+                                on_preview=preview if on_preview is not None and preview_every > 0 else None),
                  ckpt_dir=ckpt_dir, resume=resume, fingerprint=fingerprint or {})

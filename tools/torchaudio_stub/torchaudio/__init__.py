@@ -11,9 +11,8 @@ access works, *calling* anything raises ``RuntimeError("torchaudio placeholder: 
 implementation is shared with tools/torchvision_stub: ``tools/placeholder_package.py``.
 """
 
-import importlib.util as _ilu
-import os as _os
-import sys as _sys
+import runpy as _runpy
+from os.path import abspath as _abs, dirname as _dir, join as _join
 
 # Real torchaudio subpackages/submodules (attribute access imports the placeholder submodule,
 # so ``from torchaudio import functional`` / ``import torchaudio.functional as AF`` give modules).
@@ -25,17 +24,6 @@ _SUBMODULE_NAMES = (
 )
 
 
-def _implementation():
-    name = "_safegen_placeholder_package"
-    mod = _sys.modules.get(name)
-    if mod is None:
-        path = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))),
-                             "placeholder_package.py")
-        spec = _ilu.spec_from_file_location(name, path)
-        mod = _ilu.module_from_spec(spec)
-        _sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-_implementation().load_into(globals(), _SUBMODULE_NAMES)
+# the one implementation: tools/placeholder_package.py
+_runpy.run_path(_join(_dir(_dir(_dir(_abs(__file__)))), "placeholder_package.py"),
+                run_name="_safegen_placeholder_package")["load_into"](globals(), _SUBMODULE_NAMES)

@@ -10,9 +10,8 @@ access works, *calling* anything raises ``RuntimeError("torchvision placeholder:
 implementation is shared with tools/torchaudio_stub: ``tools/placeholder_package.py``.
 """
 
-import importlib.util as _ilu
-import os as _os
-import sys as _sys
+import runpy as _runpy
+from os.path import abspath as _abs, dirname as _dir, join as _join
 
 # Names that are real torchvision subpackages/submodules: attribute access on a placeholder
 # module with one of these names imports the placeholder submodule (so
@@ -28,17 +27,6 @@ _SUBMODULE_NAMES = (
 )
 
 
-def _implementation():
-    name = "_safegen_placeholder_package"
-    mod = _sys.modules.get(name)
-    if mod is None:
-        path = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))),
-                             "placeholder_package.py")
-        spec = _ilu.spec_from_file_location(name, path)
-        mod = _ilu.module_from_spec(spec)
-        _sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-_implementation().load_into(globals(), _SUBMODULE_NAMES)
+# the one implementation: tools/placeholder_package.py
+_runpy.run_path(_join(_dir(_dir(_dir(_abs(__file__)))), "placeholder_package.py"),
+                run_name="_safegen_placeholder_package")["load_into"](globals(), _SUBMODULE_NAMES)
