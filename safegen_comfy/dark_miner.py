@@ -50,7 +50,7 @@ def dark_miner(model, clip, concept, anchors, *, variant="x", rounds=4, mining_s
                preview_every=0, resume=False, name="dark_miner", vae=None):
     """Run Dark Miner; returns dict(records, pool, reason, targets, patches, keys, fingerprint, losses,
     last_mined, latents, anchors)."""
-    concept, variant = esd.check_settings(concept, "Dark Miner Eraser", variant, xt_sampler)
+    concept, variant, _ = esd.check_settings(concept, "Dark Miner Eraser", variant, xt_sampler)
     if rounds < 1:
         raise ValueError(f"Dark Miner Eraser: rounds must be ≥ 1, got {rounds}")
     anchors = [a for a in (anchors or []) if a.strip()]

@@ -117,14 +117,15 @@ def latent_size(model, resolution: int) -> tuple[int, int, int]:
     return compat.latent_channels(model), s, s
 
 
-def check_settings(concept: str, node: str, variant: str, xt_sampler: str) -> tuple[str, str]:
-    """(concept, variant) checked; raises with the node's name on a bad value."""
+def check_settings(concept: str, node: str, variant: str, xt_sampler: str) -> tuple[str, str, str]:
+    """(concept, variant, xt_sampler) checked; raises with the node's name on a bad value."""
     c = (concept or "").strip()
     if not c:
         raise ValueError(f"{node}: concept is empty ({concept!r}); write the concept to erase, e.g. 'nudity'")
-    if xt_sampler not in XT_SAMPLERS:
-        raise ValueError(f"{node}: unknown xt_sampler {xt_sampler!r}; one of {XT_SAMPLERS}")
-    return c, esd_core.check_variant(variant)
+    try:
+        return c, esd_core.check_variant(variant), esd_core.check_xt_sampler(xt_sampler)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from e
 
 
 def preview_fn(er: Erasure, vae, prompt: str, seed: int, resolution: int):
@@ -151,7 +152,7 @@ def esd_erase(model, clip, concept, *, variant="x", eta=1.0, steps=200, learning
               sampling_steps=50, start_guidance=3.0, resolution=512, xt_sampler="erased", checkpoint_every=0,
               keep_checkpoints=2, preview_every=0, resume=False, name="esd_concept", vae=None):
     """Run ESD; returns dict(result, keys, targets, patches, fingerprint)."""
-    concept, variant = check_settings(concept, "ESD Concept Eraser", variant, xt_sampler)
+    concept, variant, _ = check_settings(concept, "ESD Concept Eraser", variant, xt_sampler)
     ch, h, w = latent_size(model, resolution)
     fingerprint = {"method": "esd", "model": None, "concept": concept, "variant": variant,
                    "eta": eta, "sampling_steps": sampling_steps, "start_guidance": start_guidance,

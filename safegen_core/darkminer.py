@@ -157,8 +157,7 @@ def make_circumvent_loss_fn(eps_fn, targets: list, anchors: list, null, sigmas: 
     ``latent_shape`` is [1, C, h, w]; ``loss_fn.last`` = (erase term, anchor term)."""
     if not targets:
         raise ValueError("circumvent needs at least one target embedding")
-    if xt_sampler not in esd.XT_SAMPLERS:
-        raise ValueError(f"unknown xt_sampler {xt_sampler!r}; one of {esd.XT_SAMPLERS}")
+    esd.check_xt_sampler(xt_sampler)
     n = sigmas.shape[0]
     shape = list(latent_shape)
 

@@ -60,6 +60,13 @@ def check_variant(variant: str) -> str:
     return v
 
 
+def check_xt_sampler(xt_sampler: str) -> str:
+    """``xt_sampler`` if it is one of :data:`XT_SAMPLERS`; raise naming a bad value."""
+    if xt_sampler not in XT_SAMPLERS:
+        raise ValueError(f"unknown xt_sampler {xt_sampler!r}; one of {XT_SAMPLERS}")
+    return xt_sampler
+
+
 def _module_selected(module_name: str, variant: str) -> bool:
     if variant == "x":
         return "attn2" in module_name.split(".")
@@ -198,8 +205,7 @@ def make_esd_loss_fn(eps_fn: EpsFn, concept: Cond, null: Cond, sigmas: torch.Ten
 
     ``sigmas``: the N-step schedule from :func:`ddim_sigmas`; ``latent_shape``: [1, C, h, w].
     ``loss_fn.last`` holds the last step's (k, σ) for reporting."""
-    if xt_sampler not in XT_SAMPLERS:
-        raise ValueError(f"unknown xt_sampler {xt_sampler!r}; one of {XT_SAMPLERS}")
+    check_xt_sampler(xt_sampler)
     n = sigmas.shape[0]
 
     def loss_fn(step, g):
