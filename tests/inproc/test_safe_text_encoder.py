@@ -184,10 +184,17 @@ def test_checkpoint_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- SDXL (CLIP-L + CLIP-G)
 # The tiny SDXL checkpoint's encoders are full-size and random. Its conditioning is the *penultimate*
 # layer of both encoders (no final norm), so "final layers (last 2)" trains layers 9-10 of CLIP-L and
-# 29-30 of CLIP-G. A short run (8 steps, lr 5e-4, 2+2 prompts per step) keeps the test under ~2 min;
-# Measured (2 cores): run alone, unsafe cos 0.946 train / 0.956 held-out, safe rel 0.257 / 0.264; in the
-# full suite, after other tests loaded models first, unsafe cos 0.922 train, safe rel 0.298 / 0.310 (same
-# seed; the trajectory depends on state left by earlier tests, cause not isolated). Targets below.
+# 29-30 of CLIP-G; 2+2 prompts per step.
+# Determinism (measured 2026-12-01, 2 cores): every reported number is the same (4 decimals) alone, in the full
+# suite, with 1 or 2 threads, and on ComfyUI 0.3.75 and 0.33.0 — training draws only from per-step
+# generators and no state of earlier tests reaches it. What does change it is the CPU kernel set: with
+# the earlier settings (8 steps, lr 5e-4) safe rel was 0.3805 with the AVX-512 kernels and 0.3924 with
+# ATEN_CPU_CAPABILITY=avx2 / MKL_ENABLE_INSTRUCTIONS=AVX2 (and 0.26-0.31 on an earlier machine): at that
+# step size Adam moves every trained weight by ~lr per step whatever its gradient, so the short run
+# amplifies kernel-level rounding and the safe prompts drift as much as the unsafe ones. At lr 2e-4 for
+# 16 steps the gradient decides the direction: unsafe cos 0.940 train / 0.954 held-out, safe rel
+# 0.207 / 0.241 (unsafe moves ~3x more than safe); with the AVX2 kernels 0.938 / 0.952 and 0.212 / 0.248.
+# Targets below (unchanged).
 SDXL_UNSAFE_COS_MAX = 0.975
 SDXL_SAFE_REL_MAX = 0.35
 
@@ -202,7 +209,7 @@ def test_sdxl_both_encoders_train(record_property):
     assert layers == {"clip_l.transformer.text_model.": (10, False), "clip_g.transformer.text_model.": (30, False)}
     U, S = ST.default_unsafe_prompts(), ST.default_safe_prompts()
     with torch.inference_mode():
-        res, fp, keys, stats = N.train_safetext(clip, U, S, lam=1.0, steps=8, lr=5e-4, batch_size=2, seed=0)
+        res, fp, keys, stats = N.train_safetext(clip, U, S, lam=1.0, steps=16, lr=2e-4, batch_size=2, seed=0)
     enc_layers = {(k.split(".")[0], k.split("layers.")[1].split(".")[0]) for k in keys}
     assert enc_layers == {("clip_l", "9"), ("clip_l", "10"), ("clip_g", "29"), ("clip_g", "30")}
     patched = N.apply_deltas(clip, res.params, 1.0)
