@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def _static_params(item: Internal) -> list[str]:
 def check_item(item: Internal) -> str | None:
     """None when ``item`` is present with the parameters listed, else one line saying what broke."""
     where = f"{item.module}.{item.attr}"
-    if item.static and item.module not in __import__("sys").modules:
+    if item.static and item.module not in sys.modules:
         try:
             names = _static_params(item)
         except Exception as e:  # noqa: BLE001
@@ -191,6 +192,7 @@ def check_contract(items=INTERNALS) -> list[str]:
 
 
 def affected_nodes(items=INTERNALS) -> list[str]:
+    """The nodes that break with the broken ones among ``items``."""
     out: list[str] = []
     for i in items:
         if check_item(i):
@@ -199,13 +201,13 @@ def affected_nodes(items=INTERNALS) -> list[str]:
 
 
 def warn_if_incompatible() -> list[str]:
-    """Log ONE warning naming the broken internals, the nodes affected and the ComfyUI version."""
-    broken = [i for i in INTERNALS if check_item(i)]
+    """Log ONE warning naming the broken internals, the nodes affected and the ComfyUI version;
+    returns the broken items' lines."""
+    broken = {i: msg for i in INTERNALS if (msg := check_item(i))}
     if broken:
         log.warning("SafeGen: ComfyUI %s lacks %d internal(s) SafeGen uses; affected: %s. Details: %s",
-                    comfy_version(), len(broken), ", ".join(affected_nodes(broken)),
-                    "; ".join(check_item(i) for i in broken))
-    return [check_item(i) for i in broken]
+                    comfy_version(), len(broken), ", ".join(affected_nodes(broken)), "; ".join(broken.values()))
+    return list(broken.values())
 
 
 # =========================================================================== tokenizers
