@@ -65,9 +65,6 @@ def model_sigmas(model) -> torch.Tensor:
     return model.get_model_object("model_sampling").sigmas.detach().float().cpu()
 
 
-predict_eps = compat.predict_eps
-
-
 def sample_preview(model, vae, positive, negative, seed: int, steps: int = 8, cfg: float = 5.0,
                    width: int = 512, height: int = 512):
     """One image with ComfyUI's sampler (euler/normal), decoded: [1,H,W,3] float in 0..1."""
