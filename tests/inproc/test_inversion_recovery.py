@@ -29,7 +29,7 @@ def test_inversion_recovers_hidden_embedding(record_property):
     mp, clip, _vae, *_ = comfy.sd.load_checkpoint_guess_config(str(ck), output_vae=False, output_clip=True,
                                                                embedding_directory=[])
     inv, INV = pack_module("safegen_comfy.inversion"), pack_module("safegen_core.inversion")
-    T, C, training = (pack_module(f"safegen_comfy.{n}") for n in ("text", "common", "training"))
+    T, C, training, compat = (pack_module(f"safegen_comfy.{n}") for n in ("text", "common", "training", "compat"))
     e_star = load_file(str(hid))["emb_params"]
     text = T.prompt_with_embedding("{}")
     with torch.inference_mode():
@@ -55,7 +55,7 @@ def test_inversion_recovers_hidden_embedding(record_property):
                 losses = []
                 for i in range(48):
                     x, s, e, _ = INV.sample_batch(held, sigmas, 6, torch.Generator().manual_seed(10_000 + i))
-                    losses.append(INV.inversion_loss("ldm", e, C.predict_eps(sess.model, x, s, cond, pooled, LAT,
+                    losses.append(INV.inversion_loss("ldm", e, compat.predict_eps(sess.model, x, s, cond, pooled, LAT,
                                                                              LAT)).item())
             return sum(losses) / len(losses)
 
