@@ -16,10 +16,14 @@ def _sld_inputs():
                        tooltip="SLD hyper-parameter set of the paper / diffusers SafetyConfig "
                                "(warmup/scale/threshold/momentum/beta): weak 15/20/0.0/0.0/0.0, "
                                "medium 10/1000/0.01/0.3/0.4, strong 7/2000/0.025/0.5/0.7, "
-                               "max 0/5000/1.0/0.5/0.7. 'custom' uses the values below."),
+                               "max 0/5000/1.0/0.5/0.7. The warm-up counts steps of diffusers' 50-step "
+                               "default, so presets keep it as that share of your run: weak 30%, medium "
+                               "20%, strong 14%, max 0% of the sampler's steps (medium: 4 of 20 steps). "
+                               "'custom' uses the values below."),
         io.Int.Input("warmup_steps", default=d.warmup_steps, min=0, max=10000,
-                     tooltip="custom: the safety term applies from this step index on (momentum is "
-                             "accumulated during warm-up)."),
+                     tooltip="custom only: warm-up as an ABSOLUTE step count — the safety term applies "
+                             "from this step index on (momentum is accumulated during warm-up). Presets "
+                             "ignore it and use their share of the run."),
         io.Float.Input("guidance_scale", default=d.guidance_scale, min=0.0, max=100000.0, step=1.0,
                        tooltip="custom: SLD scale sS (per-element scale min(|eps_c - eps_s|·sS, 1)); "
                                "<= 1 disables SLD."),
@@ -44,7 +48,8 @@ class SLDGuidance(io.ComfyNode):
                 "concept. The safety conditioning (a CLIPTextEncode of the concept text, or an implicit "
                 "negative embedding from 'Load Implicit Negative Embedding') is predicted in the same batch "
                 "as positive and negative; the guidance follows diffusers' StableDiffusionPipelineSafe. "
-                "Active only when the sampler's cfg > 1. Steps are counted on the sampler's schedule."),
+                "Active only when the sampler's cfg > 1. Steps are the sampler's own steps (a two-evaluation "
+                "sampler such as Heun or DPM2 advances the momentum once per step, not per evaluation)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (SD1.x or SDXL)."),
                 io.Conditioning.Input("safety", tooltip="Safety concept C_S: e.g. CLIPTextEncode of "

@@ -66,10 +66,10 @@ class SLDRun:
         self.cfg: Optional[float] = None
         self.schedule = None
         self.last_step = -1
-        self.pending = None  # (x, safety x0 prediction, step index) for the next CFG hook call
+        self.pending = None  # (x, safety x0 prediction, step index, n_steps) for the next CFG hook call
         self.runs = 0
         self.safety_evals = 0
-        self._warned = False
+        self._warned = set()
 
     def new_run(self) -> None:
         self.state.reset()
@@ -78,14 +78,23 @@ class SLDRun:
         self.pending = None
         self.runs += 1
 
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg)
+
     def step_index(self, sigma, model_options: dict) -> tuple[int, int | None]:
-        """(step index in this run, number of steps or None); resets state on a new run."""
+        """(step index in this run, number of steps or None); resets state on a new run.
+
+        The step is the nearest entry of the sampler's schedule. A sampler that evaluates the model
+        twice per step (Heun: at sigma_i and sigma_i+1; DPM2: at sigma_i and a midpoint) repeats an
+        index; the momentum advances at the first evaluation of each index only (``SLDState``), so
+        once per step.
+        """
         sched = compat.sample_sigmas(model_options)
         if sched is None:
-            if not self._warned:
-                log.warning("SafeGen SLD: no sample_sigmas in transformer_options; counting model "
-                            "evaluations as steps")
-                self._warned = True
+            self._warn("sched", "SafeGen SLD: no sample_sigmas in transformer_options; counting steps as "
+                                "momentum updates and the warm-up in absolute steps")
             return self.state.calls, None
         if sched is not self.schedule:
             if self.schedule is not None:  # a schedule we have not seen: a new run
@@ -105,22 +114,23 @@ class SLDRun:
             return False
         if cfg is not None and not cfg > 1.0:
             return False
-        if n_steps is not None and p.warmup_steps >= n_steps:
+        if n_steps is not None and p.warmup(n_steps) >= n_steps:
             return False  # all steps are warm-up steps: SLD never changes the prediction
         return True
 
-    def apply(self, x, sigma, cond_d, uncond_d, safety_d, denoised, cfg, step) -> torch.Tensor:
+    def apply(self, x, sigma, cond_d, uncond_d, safety_d, denoised, cfg, step, n_steps=None) -> torch.Tensor:
         """SLD on x0 predictions; ``denoised`` is the CFG result the sampler computed so far.
 
-        Updates the momentum on every evaluation (warm-up included, as diffusers does). During
+        Advances the momentum once per step (warm-up included, as diffusers does). During
         warm-up ``denoised`` is returned unchanged; afterwards ``sld + (denoised - plain_cfg)``,
         which is exactly the SLD result when nothing else modified the CFG result and keeps
         another hook's modification otherwise.
         """
         if not sld_enabled(self.params, cfg):
             return denoised
-        sld = sld_cfg_from_denoised(x, uncond_d, cond_d, safety_d, sigma, step, self.params, self.state, cfg)
-        if step < self.params.warmup_steps:
+        sld = sld_cfg_from_denoised(x, uncond_d, cond_d, safety_d, sigma, step, self.params, self.state, cfg,
+                                    n_steps)
+        if step < self.params.warmup(n_steps):
             return denoised
         plain = uncond_d + (cond_d - uncond_d) * cfg
         return sld + (denoised - plain)
@@ -191,7 +201,7 @@ def patch_model_sld(model, safety, params: SLDParams):
             return evaluate(conds)
         x = args["input"]
         out = evaluate(conds + [processed_safety(args["model"], x)])
-        run.pending = (x, out[len(conds)], step)
+        run.pending = (x, out[len(conds)], step, n_steps)
         run.safety_evals += 1
         return list(out[:len(conds)])
 
@@ -200,9 +210,9 @@ def patch_model_sld(model, safety, params: SLDParams):
         p, run.pending = run.pending, None
         if p is None or p[0] is not args["input"]:
             return denoised
-        _, safety_d, step = p
+        _, safety_d, step, n_steps = p
         return run.apply(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"],
-                         safety_d, denoised, args["cond_scale"], step)
+                         safety_d, denoised, args["cond_scale"], step, n_steps)
 
     # function attributes survive ModelPatcher.clone (deepcopy keeps function objects)
     calc_cond_batch.safegen_run = run
@@ -257,7 +267,7 @@ class Guider_SLD(compat.cfg_guider_class()):
             out = fn(args)
         denoised = compat.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options,
                                        positive, negative)
-        return run.apply(x, timestep, out[0], out[1], safety_d, denoised, self.cfg, step)
+        return run.apply(x, timestep, out[0], out[1], safety_d, denoised, self.cfg, step, n_steps)
 
 
 

@@ -35,6 +35,7 @@ ComfyUI's sampler works with denoised (x0) predictions in k-diffusion space
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -43,6 +44,7 @@ import torch
 __all__ = [
     "SLDParams",
     "SLD_PRESETS",
+    "REFERENCE_STEPS",
     "DEFAULT_SAFETY_CONCEPT",
     "SLDState",
     "sld_enabled",
@@ -63,6 +65,9 @@ class SLDParams:
     threshold      -- ``sld_threshold`` (lambda) on ``eps_cond - eps_safety``.
     momentum_scale -- ``sld_momentum_scale`` (sm).
     momentum_beta  -- ``sld_mom_beta`` (beta_m).
+    warmup_fraction -- when set (the presets), the warm-up is this fraction of the run's step count
+                      (:meth:`warmup`), so it keeps its meaning in ComfyUI's step counts; ``None``
+                      (custom values) keeps ``warmup_steps`` as an absolute step count.
     """
 
     warmup_steps: int = 10
@@ -70,6 +75,19 @@ class SLDParams:
     threshold: float = 0.01
     momentum_scale: float = 0.3
     momentum_beta: float = 0.4
+    warmup_fraction: Optional[float] = None
+
+    def warmup(self, n_steps: Optional[int] = None) -> int:
+        """Warm-up in steps for a run of ``n_steps`` steps.
+
+        Presets were tuned for diffusers' 50-step default (``REFERENCE_STEPS``): their warm-up is
+        ``round(warmup_fraction * n_steps)`` (half up), e.g. MEDIUM 10/50 → 4 of ComfyUI's 20 steps,
+        6 of 30, 10 of 50 (diffusers' index exactly).  Without a fraction, or when the step count is
+        unknown, ``warmup_steps``.
+        """
+        if self.warmup_fraction is None or n_steps is None:
+            return int(self.warmup_steps)
+        return int(math.floor(self.warmup_fraction * int(n_steps) + 0.5))
 
     def to_diffusers_kwargs(self) -> dict:
         """The same values as keyword arguments of ``StableDiffusionPipelineSafe.__call__``."""
@@ -84,15 +102,20 @@ class SLDParams:
 
 # diffusers ``SafetyConfig`` (stable_diffusion_safe/__init__.py lines 21-49), identical to the
 # paper's hyper-parameter table and to methods.md.  The ``__call__`` defaults equal MEDIUM.
+# Their warm-up counts steps of diffusers' default ``num_inference_steps=50`` (``REFERENCE_STEPS``);
+# ``warmup_fraction`` keeps that share of the run for any step count (:meth:`SLDParams.warmup`).
+REFERENCE_STEPS = 50
+
+
+def _preset(warmup_steps: int, **kw) -> SLDParams:
+    return SLDParams(warmup_steps=warmup_steps, warmup_fraction=warmup_steps / REFERENCE_STEPS, **kw)
+
+
 SLD_PRESETS = {
-    "weak": SLDParams(warmup_steps=15, guidance_scale=20.0, threshold=0.0, momentum_scale=0.0,
-                      momentum_beta=0.0),
-    "medium": SLDParams(warmup_steps=10, guidance_scale=1000.0, threshold=0.01, momentum_scale=0.3,
-                        momentum_beta=0.4),
-    "strong": SLDParams(warmup_steps=7, guidance_scale=2000.0, threshold=0.025, momentum_scale=0.5,
-                        momentum_beta=0.7),
-    "max": SLDParams(warmup_steps=0, guidance_scale=5000.0, threshold=1.0, momentum_scale=0.5,
-                     momentum_beta=0.7),
+    "weak": _preset(15, guidance_scale=20.0, threshold=0.0, momentum_scale=0.0, momentum_beta=0.0),
+    "medium": _preset(10, guidance_scale=1000.0, threshold=0.01, momentum_scale=0.3, momentum_beta=0.4),
+    "strong": _preset(7, guidance_scale=2000.0, threshold=0.025, momentum_scale=0.5, momentum_beta=0.7),
+    "max": _preset(0, guidance_scale=5000.0, threshold=1.0, momentum_scale=0.5, momentum_beta=0.7),
 }
 
 # ``StableDiffusionPipelineSafe.__init__`` (pipeline file lines 80-84).  Note the diffusers text starts
@@ -111,19 +134,29 @@ class SLDState:
     before its loop).  The momentum has the shape of the latent batch, so every image in a
     batch has its own momentum; all operations are element-wise, so images never interact.
 
-    The momentum is updated once per call of :func:`sld_safety_term` / :func:`sld_guidance`,
-    exactly as diffusers updates it once per UNet evaluation.  Samplers that evaluate the model
-    several times per step (Heun, DPM2, ...) therefore update it several times per step.
-    If a call arrives with a different shape (another batch), the momentum restarts at zero.
+    The momentum advances once per *step*: diffusers evaluates the model once per step and
+    updates it there.  Samplers that evaluate the model several times per step (Heun, DPM2, ...)
+    call :func:`sld_safety_term` with the same ``step_index`` again; those calls use the momentum
+    the step started with and leave it unchanged.  ``calls`` counts momentum updates (= steps),
+    ``evals`` all calls.  If a call arrives with a different shape (another batch), the momentum
+    restarts at zero.
     """
 
     def __init__(self) -> None:
-        self.momentum: Optional[torch.Tensor] = None
-        self.calls: int = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.momentum = None
-        self.calls = 0
+        self.momentum: Optional[torch.Tensor] = None
+        self.start: Optional[torch.Tensor] = None  # momentum at the start of step ``step``
+        self.step: Optional[int] = None
+        self.calls: int = 0
+        self.evals: int = 0
+
+    def begin(self, step_index: int, ref: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(momentum to use at ``step_index``, whether this call advances it)."""
+        if self.step == step_index and self.start is not None and self.start.shape == ref.shape:
+            return self.start.to(device=ref.device, dtype=ref.dtype), False
+        return self._momentum_like(ref), True
 
     def _momentum_like(self, ref: torch.Tensor) -> torch.Tensor:
         m = self.momentum
@@ -146,20 +179,25 @@ def sld_safety_term(
     step_index: int,
     params: SLDParams,
     state: SLDState,
+    n_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """Return the safety term subtracted from ``(eps_c - eps_u)`` at this step, updating momentum.
 
     Computes Eq. 6/4/7 (``gamma`` in the module docstring), updates ``state.momentum`` with
-    Eq. 8 — on warm-up steps too — and returns ``gamma`` if ``step_index >= warmup_steps``,
-    else a zero tensor.  The final prediction is ``eps_u + cfg * (eps_c - eps_u - term)``.
+    Eq. 8 — on warm-up steps too, once per step (see :class:`SLDState`) — and returns ``gamma``
+    if ``step_index >= params.warmup(n_steps)``, else a zero tensor (``n_steps``: the run's step
+    count, for presets whose warm-up is a fraction of the run).  The final prediction is ``eps_u + cfg * (eps_c - eps_u - term)``.
     Follows the loop body of ``StableDiffusionPipelineSafe.__call__`` (diffusers 0.42.1, the
     block commented "Perform SLD guidance").  Does not check ``sld_enabled``; callers do.
     """
-    momentum = state._momentum_like(noise_cond)
+    momentum, advance = state.begin(step_index, noise_cond)
     gamma = _safety_gamma(noise_uncond, noise_cond, noise_safety, params, momentum)
-    state.momentum = params.momentum_beta * momentum + (1 - params.momentum_beta) * gamma
-    state.calls += 1
-    if step_index >= params.warmup_steps:
+    if advance:
+        state.start, state.step = momentum, step_index
+        state.momentum = params.momentum_beta * momentum + (1 - params.momentum_beta) * gamma
+        state.calls += 1
+    state.evals += 1
+    if step_index >= params.warmup(n_steps):
         return gamma
     return torch.zeros_like(gamma)
 
@@ -183,6 +221,7 @@ def sld_guidance(
     params: SLDParams,
     state: SLDState,
     cfg_scale: float,
+    n_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """The final epsilon prediction of ``StableDiffusionPipelineSafe`` for loop index ``step_index``.
 
@@ -198,7 +237,7 @@ def sld_guidance(
     if sld_enabled(params, cfg_scale):
         # Eq. 3; the term is zero during warm-up (checked after the momentum update, Eq. 8)
         noise_guidance = noise_guidance - sld_safety_term(noise_uncond, noise_cond, noise_safety, step_index,
-                                                          params, state)
+                                                          params, state, n_steps)
     return noise_uncond + cfg_scale * noise_guidance
 
 
@@ -224,6 +263,7 @@ def sld_cfg_from_denoised(
     params: SLDParams,
     state: SLDState,
     cfg_scale: float,
+    n_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """SLD + CFG for k-diffusion samplers that work with denoised (x0) predictions.
 
@@ -240,7 +280,7 @@ def sld_cfg_from_denoised(
     eps_u = (x - denoised_uncond) / s_safe
     eps_c = (x - denoised_cond) / s_safe
     eps_s = (x - denoised_safety) / s_safe
-    eps = sld_guidance(eps_u, eps_c, eps_s, step_index, params, state, cfg_scale)
+    eps = sld_guidance(eps_u, eps_c, eps_s, step_index, params, state, cfg_scale, n_steps)
     out = x - s_safe * eps
     if bool(zero.any()):
         plain = denoised_uncond + (denoised_cond - denoised_uncond) * cfg_scale

@@ -192,13 +192,77 @@ def test_guider_equals_model_patch(tiny, gd, core):
     assert guider.run.runs == 2 and guider.run.safety_evals == 2 * STEPS
 
 
-def test_multistep_sampler_runs(tiny, gd, core):
+def capture_evaluations(m):
+    """Record every guided evaluation: the predictions (cond, uncond, safety) and the final x0."""
+    seen, outs = [], []
+
+    def calc_wrapper(executor, model, conds, x_in, timestep, model_options):
+        out = executor(model, conds, x_in, timestep, model_options)
+        if len(conds) == 3:
+            seen.append({"x": x_in.clone(), "sigma": timestep.clone(), "preds": [o.clone() for o in out],
+                         "sched": model_options["transformer_options"]["sample_sigmas"]})
+        return out
+
+    def capture(args):
+        outs.append(args["denoised"].clone())
+        return args["denoised"]
+
+    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test", calc_wrapper)
+    m.set_model_sampler_post_cfg_function(capture)
+    return seen, outs
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_two_evaluation_sampler_advances_momentum_once_per_step(tiny, gd, core, sampler):
     mp, _, enc = tiny
-    m = gd.patch_model_sld(mp, enc["safety"], params(core, warmup_steps=0))
-    out = sample(m, enc, noise_for(1), steps=3, sampler="heun")
+    p = params(core, warmup_steps=1)
+    m = gd.patch_model_sld(mp, enc["safety"], p)
+    seen, outs = capture_evaluations(m)
+    out = sample(m, enc, noise_for(1), steps=3, sampler=sampler)
     assert torch.isfinite(out).all()
     run = gd.sld_run_of(m)
-    assert run.state.calls == run.safety_evals == 5  # heun: 2 evaluations per step, none at sigma 0
+    # 2 evaluations per step except the last (sigma 0 next): 5 evaluations, 3 steps, 3 momentum updates
+    assert run.safety_evals == run.state.evals == 5 and run.state.calls == 3
+    # replay: each evaluation at its nearest schedule index; the momentum advances once per index
+    idx = [core.sigma_to_step_index(ev["sigma"], ev["sched"]) for ev in seen]
+    assert sorted(set(idx)) == [0, 1, 2] and idx == sorted(idx)
+    ref = core.SLDState()
+    for ev, got, step in zip(seen, outs, idx):
+        x, s = ev["x"], ev["sigma"].reshape(-1, 1, 1, 1)
+        cond_d, uncond_d, safety_d = ev["preds"]
+        eps = [(x - d) / s for d in (uncond_d, cond_d, safety_d)]
+        want = core.sld_guidance(*eps, step, p, ref, CFG, 3)
+        torch.testing.assert_close((x - got) / s, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # the per-evaluation count (the old behaviour) gives another image
+    naive = core.SLDState()
+    last = None
+    for i, ev in enumerate(seen):
+        x, s = ev["x"], ev["sigma"].reshape(-1, 1, 1, 1)
+        cond_d, uncond_d, safety_d = ev["preds"]
+        last = core.sld_guidance(*[(x - d) / s for d in (uncond_d, cond_d, safety_d)], i, p, naive, CFG, 3)
+    assert not torch.allclose(last, (seen[-1]["x"] - outs[-1]) / seen[-1]["sigma"].reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+@pytest.mark.parametrize("steps", [20, 30, 50])
+def test_preset_warmup_covers_the_reference_share_of_the_run(tiny, gd, core, steps, scheduler):
+    """MEDIUM's warm-up is 10 of diffusers' 50 steps: 20% of the run at any step count/scheduler."""
+    mp, _, enc = tiny
+    p = core.SLD_PRESETS["medium"]
+    m = gd.patch_model_sld(mp, enc["safety"], p)
+    seen, outs = capture_evaluations(m)
+    latent = torch.zeros(1, 4, 8, 8)
+    with torch.inference_mode():
+        comfy.sample.sample(m, noise_for(1, seed=4), steps, CFG, "euler", scheduler, enc["pos"], enc["neg"], latent,
+                            seed=0, disable_pbar=True)
+    assert len(seen) == len(outs) == steps
+    changed = [not torch.equal(o, ev["preds"][1] + (ev["preds"][0] - ev["preds"][1]) * CFG)
+               for ev, o in zip(seen, outs)]
+    first = changed.index(True)
+    assert not any(changed[:first]) and all(changed[first:])
+    assert abs(first - 0.2 * steps) <= 1, (steps, scheduler, first)
+    if steps == 50:
+        assert first == 10  # diffusers' sld_warmup_steps index
 
 
 def test_presets(gd, core):

@@ -115,7 +115,7 @@ def _make_predictions(batch: int, steps: int, seed: int):
     return seq
 
 
-def _run_pipeline(pipe, prompts, preds, params: SLDParams, cfg=CFG):
+def _run_pipeline(pipe, prompts, preds, params: SLDParams, cfg=CFG, steps=STEPS):
     """Run the diffusers pipeline with a fake UNet; return (captured noise_pred per step, UNet calls)."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -143,7 +143,7 @@ def _run_pipeline(pipe, prompts, preds, params: SLDParams, cfg=CFG):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe(
-                prompt=prompts, height=8, width=8, num_inference_steps=STEPS, guidance_scale=cfg,
+                prompt=prompts, height=8, width=8, num_inference_steps=steps, guidance_scale=cfg,
                 generator=torch.Generator().manual_seed(1), output_type="np", **params.to_diffusers_kwargs(),
             )
     finally:
@@ -152,9 +152,61 @@ def _run_pipeline(pipe, prompts, preds, params: SLDParams, cfg=CFG):
     return captured, calls
 
 
-def _replay(preds, params, cfg=CFG):
+def _replay(preds, params, cfg=CFG, n_steps=None):
     state = SLDState()
-    return [sld_guidance(u, c, s, i, params, state, cfg) for i, (u, c, s) in enumerate(preds)]
+    return [sld_guidance(u, c, s, i, params, state, cfg, n_steps) for i, (u, c, s) in enumerate(preds)]
+
+
+@pytest.mark.parametrize("preset", ["weak", "medium", "strong"])
+def test_preset_warmup_at_50_steps_equals_diffusers_default_run(safe_pipe, preset):
+    """At diffusers' own 50 steps a preset's warm-up (a share of the run) is its step index exactly."""
+    params = SLD_PRESETS[preset]
+    preds = _make_predictions(1, 50, seed=40 + len(preset))
+    captured, _ = _run_pipeline(safe_pipe, ["a photo of a cat"], preds, params, steps=50)
+    ours = _replay(preds, params, n_steps=50)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, captured)) <= 1e-5
+    plain = [u + CFG * (c - u) for (u, c, _) in preds]
+    first_sld = next(i for i in range(50) if not torch.equal(ours[i], plain[i]))
+    assert first_sld == params.warmup_steps == params.warmup(50)
+
+
+@pytest.mark.parametrize("n_steps", [20, 30, 50])
+def test_preset_warmup_is_the_reference_share_of_the_run(n_steps):
+    for name, p in SLD_PRESETS.items():
+        share = p.warmup_steps / 50  # diffusers' default num_inference_steps
+        assert abs(p.warmup(n_steps) - share * n_steps) <= 0.5 + 1e-9, (name, n_steps)
+    assert SLD_PRESETS["medium"].warmup(20) == 4 and SLD_PRESETS["weak"].warmup(20) == 6
+    # custom values stay absolute
+    custom = SLDParams(warmup_steps=10)
+    assert custom.warmup(20) == custom.warmup(50) == custom.warmup(None) == 10
+
+
+def test_momentum_advances_once_per_step():
+    """A sampler evaluating twice per step (Heun) calls with the same step index twice: the second
+    call uses the momentum the step started with and does not advance it."""
+    params = SLDParams(warmup_steps=0, guidance_scale=200.0, threshold=0.0, momentum_scale=0.5,
+                       momentum_beta=0.6)
+    preds = _make_predictions(1, 6, seed=21)
+    once = SLDState()
+    ref_mom = []
+    for i, (u, c, s) in enumerate(preds[:3]):
+        sld_safety_term(u, c, s, i, params, once)
+        ref_mom.append(once.momentum.clone())
+    twice = SLDState()
+    for i in range(3):
+        u, c, s = preds[i]
+        first = sld_safety_term(u, c, s, i, params, twice)
+        assert torch.equal(twice.momentum, ref_mom[i])
+        u2, c2, s2 = preds[3 + i]  # another evaluation inside step i
+        start = twice.start.clone()
+        second = sld_safety_term(u2, c2, s2, i, params, twice)
+        assert torch.equal(twice.momentum, ref_mom[i])  # not advanced
+        # the second evaluation's term is built on the momentum at the start of the step
+        fresh = SLDState()
+        fresh.momentum = start
+        assert torch.equal(second, sld_safety_term(u2, c2, s2, i, params, fresh))
+        assert not torch.equal(first, second)
+    assert twice.calls == 3 and twice.evals == 6
 
 
 @pytest.mark.parametrize("preset", ["weak", "medium", "strong", "max"])
@@ -291,10 +343,10 @@ def test_sigma_to_step_index():
 
 
 def test_presets_values():
-    assert SLD_PRESETS["weak"] == SLDParams(15, 20, 0.0, 0.0, 0.0)
-    assert SLD_PRESETS["medium"] == SLDParams(10, 1000, 0.01, 0.3, 0.4)
-    assert SLD_PRESETS["strong"] == SLDParams(7, 2000, 0.025, 0.5, 0.7)
-    assert SLD_PRESETS["max"] == SLDParams(0, 5000, 1.0, 0.5, 0.7)
+    assert SLD_PRESETS["weak"] == SLDParams(15, 20, 0.0, 0.0, 0.0, 15 / 50)
+    assert SLD_PRESETS["medium"] == SLDParams(10, 1000, 0.01, 0.3, 0.4, 10 / 50)
+    assert SLD_PRESETS["strong"] == SLDParams(7, 2000, 0.025, 0.5, 0.7, 7 / 50)
+    assert SLD_PRESETS["max"] == SLDParams(0, 5000, 1.0, 0.5, 0.7, 0.0)
     # diffusers' own presets are the reference: never skipped silently
     SafetyConfig = require_module("diffusers.pipelines.deprecated.stable_diffusion_safe").SafetyConfig
     for name, cfg in {"weak": SafetyConfig.WEAK, "medium": SafetyConfig.MEDIUM, "strong": SafetyConfig.STRONG,
