@@ -34,23 +34,35 @@ class ConceptInversionTrainer(io.ComfyNode):
                              tooltip="Token vectors to learn (INE paper: 1)."),
                 io.String.Input("init_text", default="person",
                                 tooltip="Initial vectors come from these words' token embeddings."),
-                io.String.Input("template", default="{}",
-                                tooltip="Training prompt; {} is where the embedding goes (e.g. 'a photo of {}')."),
-                io.Int.Input("steps", default=500, min=1, max=100000,
-                             tooltip="Optimisation steps (INE paper: 3000; CCE: 1000–5000)."),
+                io.String.Input("template", default=inversion.DEFAULT_TEMPLATE, multiline=True,
+                                tooltip="Training prompts, one drawn per sample: cce:object (default), "
+                                        "cce:style or cce:person are CCE's template lists ('a photo of a {}', "
+                                        "…; np/concept_inversion.py:422-477), or your own prompts, one per "
+                                        "line, {} where the embedding goes."),
+                io.Int.Input("steps", default=3000, min=1, max=100000,
+                             tooltip="Optimisation steps. Default 3000: the INE paper's, for ldm. CCE's "
+                                     "train.sh: 5000 (np), 1000 (sld)."),
                 io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4,
-                               tooltip="AdamW learning rate (INE/CCE: 5e-3)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step (INE: 1)."),
+                               tooltip="AdamW learning rate. Default 5e-3: INE paper and CCE train.sh (CCE then "
+                                       "multiplies it by batch × accumulation: 0.08 np, 0.02 sld; not done "
+                                       "here)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per micro-batch (INE: 1; CCE np: 4; sld must be 1)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the timestep/noise draws (a resumed run follows the same path)."),
+                             tooltip="Seed of the timestep/noise/template draws (a resumed run follows the "
+                                     "same path)."),
                 io.Combo.Input("objective", options=list(inversion.OBJECTIVES), default="ldm",
-                               tooltip="ldm: plain denoising loss on the model (INE). guided: the CFG-guided "
-                                       "prediction with negative_text as negative must match (CCE, for models "
-                                       "defended by a negative prompt)."),
+                               tooltip="ldm: plain denoising loss on this model (INE, for unlearned models). "
+                                       "np: CCE's for a negative-prompt defence — the prediction with "
+                                       "negative_text as negative must equal the undefended CFG prediction of "
+                                       "negative_text (np/concept_inversion.py:1004-1008). sld: CCE's for SLD "
+                                       "— the same target under SLD with momentum over sorted timesteps "
+                                       "(sld/concept_inversion.py:1032-1098)."),
                 io.Float.Input("guidance_scale", default=7.5, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG scale of the guided objective."),
+                               tooltip="np/sld: CFG scale g (CCE: 7.5)."),
                 io.String.Input("negative_text", default="", multiline=True,
-                                tooltip="Negative prompt of the guided objective (the defence to survive)."),
+                                tooltip="np/sld: the safety concept the defence uses — the negative prompt "
+                                        "(np) or SLD's safety concept (sld). Required for np/sld."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
                              tooltip="Save a resumable checkpoint every N steps (0 = never)."),
                 io.Int.Input("keep_checkpoints", default=2, min=1, max=100, tooltip="Checkpoints kept (newest)."),
@@ -64,6 +76,20 @@ class ConceptInversionTrainer(io.ComfyNode):
                                 tooltip="Or a folder under ComfyUI's input/ with the concept images."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8, optional=True,
                              tooltip="Size the folder images are cropped/resized to."),
+                io.Float.Input("weight_decay", default=1e-2, min=0.0, max=1.0, step=1e-3, optional=True,
+                               tooltip="AdamW weight decay (CCE: 1e-2, np/concept_inversion.py:286)."),
+                io.Int.Input("gradient_accumulation", default=4, min=1, max=256, optional=True,
+                             tooltip="Micro-batches per optimiser step (CCE train.sh: 4)."),
+                io.Combo.Input("sld_preset", options=["weak", "medium", "strong", "max"], default="max",
+                               optional=True,
+                               tooltip="sld: the SLD configuration to survive (CCE: max, "
+                                       "sld/concept_inversion.py:410-414)."),
+                io.Int.Input("sld_timestep_count", default=35, min=1, max=1000, optional=True,
+                             tooltip="sld: timesteps per sample, momentum carried over them in descending "
+                                     "order (CCE train.sh: 35)."),
+                io.Int.Input("sld_timestep_range", default=90, min=1, max=1000, optional=True,
+                             tooltip="sld: the timesteps are distinct, within a window of this many DDPM "
+                                     "steps (CCE train.sh: 90)."),
             ],
             outputs=[
                 sockets.Embedding.Output(display_name="EMBEDDING", tooltip="The learned vectors, for the loader node."),
@@ -77,13 +103,17 @@ class ConceptInversionTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, name, num_vectors, init_text, template, steps, learning_rate,
                 batch_size, seed, objective, guidance_scale, negative_text, checkpoint_every,
-                keep_checkpoints, preview_every, resume, images=None, image_folder="", resolution=512):
+                keep_checkpoints, preview_every, resume, images=None, image_folder="", resolution=512,
+                weight_decay=1e-2, gradient_accumulation=4, sld_preset="max", sld_timestep_count=35,
+                sld_timestep_range=90):
         emb, plot, info = inversion.train_concept_inversion(
             model, clip, vae, name=name, images=images, image_folder=image_folder, resolution=resolution,
             num_vectors=num_vectors, init_text=init_text, template=template, steps=steps,
             learning_rate=learning_rate, batch_size=batch_size, seed=seed, objective=objective,
             guidance_scale=guidance_scale, negative_text=negative_text, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, preview_every=preview_every, resume=resume)
+            keep_checkpoints=keep_checkpoints, preview_every=preview_every, resume=resume,
+            weight_decay=weight_decay, gradient_accumulation=gradient_accumulation, sld_preset=sld_preset,
+            sld_timestep_count=sld_timestep_count, sld_timestep_range=sld_timestep_range)
         return io.NodeOutput(emb, plot, info, ui=ui.PreviewText(info))
 
 

@@ -72,21 +72,71 @@ def init_token_vectors(clip, init_text: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text="person", template="{}",
-           steps=500, learning_rate=5e-3, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5,
-           negative_text="", checkpoint_every=0, keep_checkpoints=2, preview_every=0, resume=False, vae=None,
-           init_vectors=None, sess: training.Session | None = None, model_hash: str | None = None):
+TEMPLATE_SETS = {f"cce:{k}": v for k, v in inversion_core.CCE_TEMPLATES.items()}
+DEFAULT_TEMPLATE = "cce:object"
+
+
+def training_templates(template: str, objective: str = "ldm") -> list[str]:
+    """The prompts one sample's template is drawn from: ``cce:object`` / ``cce:style`` / ``cce:person``
+    (CCE's lists, np/concept_inversion.py:422-477), or one template per line, each with ``{}`` where the
+    embedding goes (a line without ``{}`` gets it prepended)."""
+    key = template.strip()
+    if key in TEMPLATE_SETS:
+        if key == "cce:person" and objective == "sld":
+            return list(inversion_core.CCE_PERSON_TEMPLATES_SLD)
+        return list(TEMPLATE_SETS[key])
+    lines = [ln.strip() for ln in template.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"template is empty: give one of {', '.join(TEMPLATE_SETS)} or prompts with {{}}")
+    return lines
+
+
+def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text="person",
+           template=DEFAULT_TEMPLATE, steps=3000, learning_rate=5e-3, batch_size=1, seed=0, objective="ldm",
+           guidance_scale=7.5, negative_text="", checkpoint_every=0, keep_checkpoints=2, preview_every=0,
+           resume=False, vae=None, init_vectors=None, sess: training.Session | None = None,
+           model_hash: str | None = None, weight_decay=0.0, gradient_accumulation=1, sld_preset="max",
+           sld_timestep_count=35, sld_timestep_range=90):
     """Concept inversion on ``latents`` (model space, [B,4,h,w]); returns (TrainResult, fingerprint).
+
+    Objectives (``safegen_core.inversion``): ``ldm`` — the denoising loss on this model (INE);
+    ``np`` / ``sld`` — CCE's: the prediction under the defence (negative prompt / SLD with ``sld_preset``)
+    must equal the undefended CFG prediction of ``negative_text`` (the safety concept). ``sld`` uses one
+    image per micro-batch at ``sld_timestep_count`` sorted timesteps, as CCE.
 
     ``sess``: an open :func:`training.session` holding trainable clones of ``model``/``clip`` (Dark Miner
     mines in its own session); otherwise one is opened here. ``model_hash``: the hash of the model's
     weights when the caller has it (Dark Miner hashes once per run), else computed on the clone."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; one of {', '.join(OBJECTIVES)}")
+    cce = objective in ("np", "sld")
+    if cce and not negative_text.strip():
+        raise ValueError(f"objective '{objective}' needs negative_text: the safety concept the defence uses "
+                         f"(CCE's --safety_concept)")
+    if objective == "sld" and batch_size != 1:
+        raise ValueError("objective 'sld' takes one image per micro-batch (CCE: train_batch_size 1, "
+                         "sld/concept_inversion.py:1005); raise gradient_accumulation instead")
+    sld_settings = None
+    if objective == "sld":
+        from ..safegen_core.sld import SLD_PRESETS
+        if sld_preset not in SLD_PRESETS:
+            raise ValueError(f"unknown sld_preset {sld_preset!r}; one of {', '.join(SLD_PRESETS)}")
+        p = SLD_PRESETS[sld_preset]
+        sld_settings = inversion_core.CCESLDSettings(
+            guidance_scale=guidance_scale, sld_warmup_steps=0, sld_guidance_scale=p.guidance_scale,
+            sld_threshold=p.threshold, sld_momentum_scale=p.momentum_scale, sld_mom_beta=p.momentum_beta)
+        if not 1 <= sld_timestep_count <= sld_timestep_range:
+            raise ValueError(f"sld_timestep_count {sld_timestep_count} must be between 1 and sld_timestep_range "
+                             f"{sld_timestep_range}")
+    templates = training_templates(template, objective)
     widths = text.embedding_widths(clip)
     fingerprint = {"model": model_hash, "num_vectors": num_vectors, "init_text": init_text,
                    "template": template, "batch_size": batch_size, "objective": objective,
                    "images": int(latents.shape[0]),
-                   "guidance_scale": guidance_scale if objective == "guided" else None,
-                   "negative_text": negative_text if objective == "guided" else None}
+                   "guidance_scale": guidance_scale if cce else None,
+                   "negative_text": negative_text if cce else None}
+    if objective == "sld":
+        fingerprint["sld"] = {"preset": sld_preset, "count": sld_timestep_count, "range": sld_timestep_range}
     with torch.inference_mode(False):
         if init_vectors is None:
             init = init_token_vectors(clip, init_text)
@@ -101,34 +151,58 @@ def invert(model, clip, latents, *, name="ine_concept", num_vectors=1, init_text
         with ctx as s:
             if fingerprint["model"] is None:
                 fingerprint["model"] = model_fingerprint(s.model)
-            prompt = text.prompt_with_embedding(template)
-            spliced = text.tokenize_with_vectors(s.clip, prompt, params)
-            neg_cond = neg_pooled = None
-            if objective == "guided":
+            spliced = [text.tokenize_with_vectors(s.clip, text.prompt_with_embedding(t), params) for t in templates]
+            neg = unc = None
+            if cce:
                 with torch.no_grad():
-                    neg_cond, neg_pooled = text.encode_tokens(s.clip, s.clip.tokenize(negative_text))
+                    neg = text.encode_tokens(s.clip, s.clip.tokenize(negative_text))
+                    unc = text.encode_tokens(s.clip, s.clip.tokenize(""))
+
+            def cond_for(picks):
+                """Per sample: its template's encoding with the current vectors (each template encoded once)."""
+                enc = {i: text.encode_tokens(s.clip, spliced[i].with_vectors(params)) for i in sorted(set(picks))}
+                cond = torch.cat([enc[i][0] for i in picks])
+                pooled = None if enc[picks[0]][1] is None else torch.cat([enc[i][1] for i in picks])
+                return cond, pooled
+
+            def frozen(c, x, sigma):
+                with torch.no_grad():
+                    n = x.shape[0]
+                    return compat.predict_eps(s.model, x, sigma, c[0].expand(n, -1, -1),
+                                              None if c[1] is None else c[1].expand(n, -1), w, h)
 
             def loss_fn(step, g):
+                if objective == "sld":
+                    x, sigma, _eps, _i, _ts = inversion_core.cce_sld_sample(latents, sigmas, g, sld_timestep_range,
+                                                                          sld_timestep_count)
+                    pick = int(torch.randint(len(templates), (1,), generator=g))
+                    cond, pooled = cond_for([pick] * x.shape[0])
+                    e_c = compat.predict_eps(s.model, x, sigma, cond, pooled, w, h)
+                    e_s, e_u = frozen(neg, x, sigma), frozen(unc, x, sigma)
+                    return inversion_core.inversion_loss("sld", None, e_c.split(1), e_s.split(1), guidance_scale,
+                                                         eps_uncond=e_u.split(1), sld=sld_settings)
                 x, sigma, eps, _ = inversion_core.sample_batch(latents, sigmas, batch_size, g)
-                cond, pooled = text.encode_tokens(s.clip, spliced.with_vectors(params))
+                picks = torch.randint(len(templates), (batch_size,), generator=g).tolist()
+                cond, pooled = cond_for(picks)
                 e_c = compat.predict_eps(s.model, x, sigma, cond, pooled, w, h)
-                e_n = None
-                if objective == "guided":
-                    with torch.no_grad():
-                        e_n = compat.predict_eps(s.model, x, sigma, neg_cond, neg_pooled, w, h)
-                return inversion_core.inversion_loss(objective, eps, e_c, e_n, guidance_scale)
+                if objective == "np":
+                    return inversion_core.inversion_loss("np", eps, e_c, frozen(neg, x, sigma), guidance_scale,
+                                                         eps_uncond=frozen(unc, x, sigma))
+                return inversion_core.inversion_loss("ldm", eps, e_c)
 
             def on_preview(step):
                 with torch.no_grad():
-                    pos = text.encode(s.clip, prompt, {k: v.detach() for k, v in params.items()})
-                    neg = text.encode(s.clip, "")
-                    img = common.sample_preview(s.model, vae, pos, neg, seed, steps=8, width=w * 8, height=h * 8)
+                    pos = text.encode(s.clip, text.prompt_with_embedding(templates[0]),
+                                      {k: v.detach() for k, v in params.items()})
+                    neg_p = text.encode(s.clip, "")
+                    img = common.sample_preview(s.model, vae, pos, neg_p, seed, steps=8, width=w * 8, height=h * 8)
                 return common.image_to_pil(img)
 
             result = training.run(params, loss_fn, steps=steps, lr=learning_rate, seed=seed, optimizer="adamw",
                                   checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                                   preview_every=preview_every, on_preview=on_preview if vae is not None else None,
-                                  kind="inversion", name=name, resume=resume, fingerprint=fingerprint)
+                                  kind="inversion", name=name, resume=resume, fingerprint=fingerprint,
+                                  weight_decay=weight_decay, grad_accum=gradient_accumulation)
     return result, fingerprint
 
 
@@ -143,7 +217,7 @@ def train_concept_inversion(model, clip, vae, *, name, images=None, image_folder
     latents = common.encode_images(model, vae, images)
     result, fingerprint = invert(model, clip, latents, name=name, vae=vae, **settings)
     model_hash = fingerprint["model"]
-    steps = settings.get("steps", 500)
+    steps = settings.get("steps", 3000)
     vectors = result.params
     final = result.losses[-1] if result.losses else float("nan")
     meta = {"safegen_kind": "implicit_negative_embedding", "base_model_hash": model_hash,
@@ -151,6 +225,7 @@ def train_concept_inversion(model, clip, vae, *, name, images=None, image_folder
             "objective": settings.get("objective", "ldm"), "steps": steps, "lr": settings.get("learning_rate"),
             "num_vectors": settings.get("num_vectors", 1), "init_text": settings.get("init_text"),
             "template": settings.get("template"), "batch_size": settings.get("batch_size"),
+            "weight_decay": settings.get("weight_decay"), "gradient_accumulation": settings.get("gradient_accumulation"),
             "seed": settings.get("seed"), "final_loss": final,
             "loss_mean_last_10pct": float(np.mean(result.losses[-max(1, len(result.losses) // 10):]))
             if result.losses else None}

@@ -1,14 +1,9 @@
 """SLD (Safe Latent Diffusion) in ComfyUI's sampler; the formulas are ``safegen_core.sld``'s.
 
 SLD as a MODEL patch (stock KSampler):
-  * ``WrappersMP.OUTER_SAMPLE`` wrapper: at the start of every sampling run it resets the SLD
-    state and adds the safety conditioning to the guider's ``conds`` dict, so ComfyUI's own
-    ``process_conds`` prepares it exactly like positive/negative (areas/masks, start/end percent,
-    ``extra_conds`` → c_crossattn, SDXL ``y``, inpaint concat, controlnets).
-  * ``sampler_calc_cond_batch_function``: evaluates ``[cond, uncond, safety]`` with ONE
-    ``calc_cond_batch`` call, which concatenates compatible conds into the same batched UNet call
-    (3·B rows); returns ``[cond, uncond]`` to the rest of the sampler and keeps the safety
-    prediction for the CFG hook.
+  * the safety conditioning is a :class:`.batched_cond.ExtraCond`: prepared by ComfyUI's own
+    ``process_conds`` like positive/negative and predicted in the same batched UNet call
+    (3·B rows); its OUTER_SAMPLE hook also resets the SLD state at the start of every run.
   * ``sampler_post_cfg_function``: SLD via ``sld_cfg_from_denoised`` with the run's state; the
     step index is the current sigma's position in the sampler's schedule.
 SLD as a GUIDER (SamplerCustomAdvanced): :class:`Guider_SLD`, a ``CFGGuider`` with a third cond
@@ -24,12 +19,12 @@ import torch
 
 from ..safegen_core.sld import (DEFAULT_SAFETY_CONCEPT, SLD_PRESETS, SLDParams, SLDState,
                                 sld_cfg_from_denoised, sld_enabled, sigma_to_step_index)
-from . import compat
+from . import batched_cond, compat
 
 log = logging.getLogger("safegen")
 
 SAFETY_COND_KEY = "safegen_sld_safety"
-WRAPPER_KEY = "safegen_sld"
+WRAPPER_KEY = SAFETY_COND_KEY  # the OUTER_SAMPLE wrapper of its ExtraCond
 PRESETS = ["weak", "medium", "strong", "max", "custom"]
 DEFAULTS = SLD_PRESETS["medium"]
 
@@ -136,74 +131,31 @@ class SLDRun:
         return sld + (denoised - plain)
 
 
-def _convert_safety(safety) -> list[dict]:
-    safety = compat.conditioning_set_values(safety, {"prompt_type": "negative"})
-    return compat.convert_cond(safety)
-
-
-def _safety_for_run(safety_conds: list[dict], negative: Optional[list]) -> list[dict]:
-    """Fresh copies of the safety conds; a ControlNet on the negative is applied to them too, so the
-    safety prediction sees the same control as the unconditional one (and batches with it)."""
-    out = [c.copy() for c in safety_conds]
-    ctrl = next((c["control"] for c in (negative or []) if c.get("control") is not None), None)
-    if ctrl is not None:
-        for c in out:
-            c.setdefault("control", ctrl)
-    return out
-
-
 def patch_model_sld(model, safety, params: SLDParams):
     """Clone ``model`` and install SLD (see module docstring). Returns the clone."""
     m = model.clone()
     run = SLDRun(params)
-    safety_conds = _convert_safety(safety)
-    prev_calc = m.model_options.get("sampler_calc_cond_batch_function")
-    fallback = {}
+    extra = batched_cond.ExtraCond(SAFETY_COND_KEY, safety, prompt_type="negative", control_from="negative")
 
-    def outer_sample_wrapper(executor, *args, **kwargs):
-        guider = compat.guider_of(executor)
+    def on_run_start(guider, args, kwargs):
         run.new_run()
         run.guider = guider
         run.cfg = compat.guider_cfg(guider)
-        conds = compat.guider_conds(guider)
-        if conds is not None:
-            conds[SAFETY_COND_KEY] = _safety_for_run(safety_conds, conds.get("negative"))
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            run.guider = None
-            run.cfg = None
 
-    def processed_safety(model_base, x):
-        conds = compat.guider_conds(run.guider) if run.guider is not None else None
-        if conds is not None and SAFETY_COND_KEY in conds:
-            return conds[SAFETY_COND_KEY]
-        # Sampling that did not go through CFGGuider.sample: prepare it as Perp-Neg's model patch does.
-        key = (tuple(x.shape), str(x.device), id(model_base))
-        if key not in fallback:
-            fallback.clear()
-            fallback[key] = compat.prepare_conds(model_base, [c.copy() for c in safety_conds], x, "negative")
-        return fallback[key]
+    def on_run_end():
+        run.guider = None
+        run.cfg = None
 
-    def calc_cond_batch(args):
-        conds = list(args["conds"])
+    def wants(args):
         run.pending = None
-
-        def evaluate(cs):
-            if prev_calc is not None:
-                return prev_calc({**args, "conds": cs})
-            return compat.calc_cond_batch(args["model"], cs, args["input"], args["sigma"], args["model_options"])
-
-        if len(conds) < 2 or conds[0] is None or conds[1] is None:  # cfg == 1 optimisation: no CFG, no SLD
-            return evaluate(conds)
         step, n_steps = run.step_index(args["sigma"], args["model_options"])
-        if not run.wants_safety(run.cfg, n_steps):
-            return evaluate(conds)
-        x = args["input"]
-        out = evaluate(conds + [processed_safety(args["model"], x)])
-        run.pending = (x, out[len(conds)], step, n_steps)
+        run.current = (step, n_steps)
+        return run.wants_safety(run.cfg, n_steps)
+
+    def consume(args, safety_d):
+        step, n_steps = run.current
+        run.pending = (args["input"], safety_d, step, n_steps)
         run.safety_evals += 1
-        return list(out[:len(conds)])
 
     def post_cfg(args):
         denoised = args["denoised"]
@@ -214,11 +166,10 @@ def patch_model_sld(model, safety, params: SLDParams):
         return run.apply(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"],
                          safety_d, denoised, args["cond_scale"], step, n_steps)
 
+    calc = extra.install(m, consume=consume, wants=wants, on_run_start=on_run_start, on_run_end=on_run_end)
     # function attributes survive ModelPatcher.clone (deepcopy keeps function objects)
-    calc_cond_batch.safegen_run = run
+    calc.safegen_run = run
     post_cfg.safegen_run = run
-    m.add_wrapper_with_key(compat.outer_sample_wrapper_type(), WRAPPER_KEY, outer_sample_wrapper)
-    m.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
     m.set_model_sampler_post_cfg_function(post_cfg)
     return m
 
@@ -235,6 +186,7 @@ class Guider_SLD(compat.cfg_guider_class()):
     def set_conds(self, positive, negative, safety):
         safety = compat.conditioning_set_values(safety, {"prompt_type": "negative"})
         self.inner_set_conds({"positive": positive, "negative": negative, "safety": safety})
+        self.safety_extra = batched_cond.ExtraCond("safety", safety)
 
     def set_sld(self, cfg: float, params: SLDParams):
         self.cfg = cfg
@@ -243,8 +195,7 @@ class Guider_SLD(compat.cfg_guider_class()):
     def sample(self, *args, **kwargs):
         self.run.new_run()
         if "safety" in self.original_conds:
-            self.original_conds["safety"] = _safety_for_run(self.original_conds["safety"],
-                                                            self.original_conds.get("negative"))
+            self.original_conds["safety"] = self.safety_extra.for_run(self.original_conds)
         return super().sample(*args, **kwargs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):

@@ -123,11 +123,12 @@ def unet_tensors(model_or_session_model, keys) -> dict[str, torch.Tensor]:
 def run(params: dict, loss_fn, *, steps: int, lr: float, seed: int, optimizer: str, label: str = "loss",
         checkpoint_every: int = 0, keep_checkpoints: int = 2, preview_every: int = 0, on_preview=None,
         kind: str = "", name: str = "", resume: bool = False, fingerprint: dict | None = None,
-        ckpt_dir: str | None = None) -> TrainResult:
+        ckpt_dir: str | None = None, weight_decay: float = 0.0, grad_accum: int = 1) -> TrainResult:
     """``safegen_core.training.train`` with ComfyUI's progress bar, interrupt and checkpoint folder
     (output/safegen_checkpoints/<kind>/<name>, or ``ckpt_dir``)."""
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, optimizer=optimizer, checkpoint_every=checkpoint_every,
-                      keep_checkpoints=keep_checkpoints, preview_every=preview_every)
+                      keep_checkpoints=keep_checkpoints, preview_every=preview_every, weight_decay=weight_decay,
+                      grad_accum=grad_accum)
     progress = common.Progress(steps, label)
     if ckpt_dir is None and (checkpoint_every or resume):
         ckpt_dir = common.checkpoint_dir(kind, name)

@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 0.0            # 0 = off
+    grad_accum: int = 1               # micro-batches (loss_fn calls) per optimiser step
     checkpoint_every: int = 0         # 0 = no checkpoints
     keep_checkpoints: int = 2
     preview_every: int = 0            # 0 = no previews
@@ -148,7 +149,9 @@ def train(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generat
           resume: bool = False, fingerprint: dict | None = None) -> TrainResult:
     """Optimise ``params`` (leaf tensors, ``requires_grad`` set here) to minimise ``loss_fn``.
 
-    ``loss_fn(step, generator)`` returns a scalar tensor. Checkpoints go to ``ckpt_dir`` every
+    ``loss_fn(step, generator)`` returns a scalar tensor; with ``cfg.grad_accum`` = n it is called n times
+    per step (the same generator, drawn from in turn) and the gradients of the mean are accumulated
+    (diffusers' ``gradient_accumulation_steps``); the recorded loss is that mean. Checkpoints go to ``ckpt_dir`` every
     ``cfg.checkpoint_every`` steps; with ``resume`` the newest compatible checkpoint is loaded.
     Raises whatever ``callbacks.check_interrupt`` raises (the caller cleans up in ``finally``).
     A NaN/inf loss stops the run with a clear error instead of corrupting the parameters.
@@ -156,7 +159,8 @@ def train(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generat
     cb = callbacks or TrainCallbacks()
     fp = dict(fingerprint or {})
     fp.setdefault("train", {k: v for k, v in asdict(cfg).items()
-                            if k not in ("steps", "checkpoint_every", "keep_checkpoints", "preview_every")})
+                            if k not in ("steps", "checkpoint_every", "keep_checkpoints", "preview_every")
+                            and not (k == "grad_accum" and v == 1)})  # runs saved before it existed resume
     names = list(params)
     for n in names:
         params[n].requires_grad_(True)
@@ -171,11 +175,17 @@ def train(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generat
         if cb.check_interrupt:
             cb.check_interrupt()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(step, step_generator(cfg.seed, step))
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"loss became {lv} at step {step}; lower the learning rate")
-        loss.backward()
+        g = step_generator(cfg.seed, step)  # the micro-batches draw from it in turn
+        lv = 0.0
+        for micro in range(max(1, int(cfg.grad_accum))):
+            if micro and cb.check_interrupt:
+                cb.check_interrupt()
+            loss = loss_fn(step, g) / max(1, int(cfg.grad_accum))
+            lm = float(loss.detach())
+            if not math.isfinite(lm):
+                raise FloatingPointError(f"loss became {lm} at step {step}; lower the learning rate")
+            loss.backward()
+            lv += lm
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([params[n] for n in names], cfg.grad_clip)
         opt.step()

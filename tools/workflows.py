@@ -92,17 +92,18 @@ def _inversion(g, ck, un, name, steps, checkpoint_every):
     """Concept Inversion Trainer on the unlearned MODEL ``un`` with concept images from the base."""
     imgs = _concept_images(g, ck)
     return g.add("SafeGen_ConceptInversionTrainer", model=un[0], clip=ck[1], vae=ck[2], images=imgs[0],
-                 name=name, num_vectors=1, init_text="person", template="{}", steps=steps,
+                 name=name, num_vectors=1, init_text="person", template="cce:object", steps=steps,
                  learning_rate=0.005, batch_size=1, seed=0, objective="ldm", guidance_scale=7.5, negative_text="",
                  checkpoint_every=checkpoint_every, keep_checkpoints=2, preview_every=0, resume=True,
-                 image_folder="", resolution=512)
+                 image_folder="", resolution=512, weight_decay=0.01, gradient_accumulation=4, sld_preset="max",
+                 sld_timestep_count=35, sld_timestep_range=90)
 
 
 def inversion_training():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
-    tr = _inversion(g, ck, un, "ine_nudity", steps=500, checkpoint_every=100)
+    tr = _inversion(g, ck, un, "ine_nudity", steps=3000, checkpoint_every=100)
     g.add("PreviewImage", images=tr[1])
     g.add("PreviewAny", source=tr[2], preview="")
     return g
@@ -240,7 +241,7 @@ def adapt(api: dict, files: dict[str, str] | None = None, small: bool = False) -
         if ct == "KSampler":
             i["steps"] = 3
         if ct == "SafeGen_ConceptInversionTrainer":
-            i.update(steps=2, resolution=64, checkpoint_every=0, resume=False)
+            i.update(steps=2, resolution=64, checkpoint_every=0, resume=False, gradient_accumulation=1)
         if ct == "SafeGen_SafeTextEncoderTrainer":
             i.update(steps=2)
         if ct == "SafeGen_ESDConceptEraser":

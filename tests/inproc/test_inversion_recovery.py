@@ -60,7 +60,7 @@ def test_inversion_recovers_hidden_embedding(record_property):
             return sum(losses) / len(losses)
 
         result, _ = inv.invert(mp, clip, train_lat, steps=80, learning_rate=0.02, batch_size=4, num_vectors=1,
-                               init_text="person", seed=1)
+                               template="{}", init_text="person", seed=1)
         learned = result.params["l"]
         l_star, l_init, l_learned = heldout_loss(e_star), heldout_loss(init), heldout_loss(learned)
         ref = images(e_star, [500, 501, 502])

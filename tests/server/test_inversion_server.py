@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.graphs import Graph, install, latent
-from tools.comfy_host import PromptInterrupted
+from tools.comfy_host import ExecutionError, PromptInterrupted
 
 
 def concept_images(server, folder="concept_blobs", n=4, size=64):
@@ -26,12 +26,14 @@ def concept_images(server, folder="concept_blobs", n=4, size=64):
 
 
 def trainer(g, c, name, steps=6, resume=False, folder="concept_blobs", checkpoint_every=2, preview_every=3,
-            num_vectors=2, objective="ldm"):
-    return g.add("SafeGen_ConceptInversionTrainer", model=c[0], clip=c[1], vae=c[2], name=name,
-                 num_vectors=num_vectors, init_text="person", template="a photo of {}", steps=steps,
-                 learning_rate=0.05, batch_size=2, seed=3, objective=objective, guidance_scale=5.0,
-                 negative_text="blurry", checkpoint_every=checkpoint_every, keep_checkpoints=2,
-                 preview_every=preview_every, resume=resume, image_folder=folder, resolution=64)
+            num_vectors=2, objective="ldm", **extra):
+    settings = dict(num_vectors=num_vectors, init_text="person", template="a photo of {}", steps=steps,
+                    learning_rate=0.05, batch_size=2, seed=3, objective=objective, guidance_scale=5.0,
+                    negative_text="blurry", checkpoint_every=checkpoint_every, keep_checkpoints=2,
+                    preview_every=preview_every, resume=resume, image_folder=folder, resolution=64,
+                    gradient_accumulation=1)
+    settings.update(extra)
+    return g.add("SafeGen_ConceptInversionTrainer", model=c[0], clip=c[1], vae=c[2], name=name, **settings)
 
 
 def read_emb(server, name):
@@ -159,12 +161,30 @@ def test_sdxl_inversion_file_layout_and_embedding_syntax(comfy_server):
     assert torch.equal(latent(comfy_server, r, outs["stock"]), latent(comfy_server, r, outs["ours"]))
 
 
-def test_guided_objective_runs_and_is_recorded(comfy_server):
+@pytest.mark.parametrize("objective", ["np", "sld"])
+def test_cce_objectives_run_and_are_recorded(comfy_server, objective):
     ck = install(comfy_server, "sd1")
     folder = concept_images(comfy_server)
     g = Graph()
     c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
-    trainer(g, c, "ine_guided", steps=2, folder=folder, checkpoint_every=0, preview_every=0, objective="guided")
+    extra = {"batch_size": 1, "sld_timestep_count": 4, "sld_timestep_range": 6} if objective == "sld" else {}
+    trainer(g, c, f"ine_{objective}", steps=2, folder=folder, checkpoint_every=0, preview_every=0,
+            objective=objective, negative_text="nudity", template="cce:object", gradient_accumulation=2, **extra)
     comfy_server.run(g, timeout=600)
-    tensors, meta = read_emb(comfy_server, "ine_guided")
-    assert meta["objective"] == "guided" and torch.isfinite(tensors["emb_params"]).all()
+    tensors, meta = read_emb(comfy_server, f"ine_{objective}")
+    assert meta["objective"] == objective and torch.isfinite(tensors["emb_params"]).all()
+    assert meta["template"] == "cce:object" and meta["gradient_accumulation"] == "2"
+
+
+def test_cce_objective_without_safety_concept_is_refused(comfy_server):
+    ck = install(comfy_server, "sd1")
+    folder = concept_images(comfy_server)
+    g = Graph()
+    c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
+    trainer(g, c, "ine_np_empty", steps=2, folder=folder, checkpoint_every=0, preview_every=0, objective="np",
+            negative_text="  ")
+    with pytest.raises(ExecutionError) as ei:
+        comfy_server.run(g, timeout=600)
+    err = ei.value.exception_message
+    assert "negative_text" in err and "safety concept" in err
+    assert not (Path(comfy_server.models_dir) / "embeddings" / "ine_np_empty.safetensors").exists()

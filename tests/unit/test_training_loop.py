@@ -75,12 +75,32 @@ def test_nan_loss_is_an_error():
         train(p, lambda s, g: p["v"].sum() * float("nan"), TrainConfig(steps=3))
 
 
-def test_guided_inversion_loss_formula():
+def test_guided_prediction_and_retired_objective():
     from safegen_core.inversion import guided_eps, inversion_loss
     g = torch.Generator().manual_seed(0)
     eps, ec, en = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
-    # scale 1: the guided prediction is the conditional one → same as the plain LDM loss
-    assert torch.allclose(inversion_loss("guided", eps, ec, en, 1.0), inversion_loss("ldm", eps, ec))
     assert torch.allclose(guided_eps(ec, en, 7.5), en + 7.5 * (ec - en))
-    with pytest.raises(ValueError):
-        inversion_loss("guided", eps, ec, None, 7.5)
+    # the old 'guided' objective (guided prediction vs the noise) was not CCE's: it is gone, by name
+    with pytest.raises(ValueError, match="unknown objective 'guided'"):
+        inversion_loss("guided", eps, ec, en, 7.5)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    """grad_accum n: n loss_fn calls per step, one optimiser step on the mean gradient; the
+    micro-batches draw from the step's generator in turn (different draws, same on resume)."""
+    from safegen_core.training import TrainConfig, train
+    draws = []
+
+    def loss_fn(step, g):
+        x = torch.randn(3, generator=g)
+        draws.append((step, x))
+        return ((p["v"] - x) ** 2).sum()
+
+    p = {"v": torch.zeros(3)}
+    res = train(p, loss_fn, TrainConfig(steps=1, lr=0.1, optimizer="sgd", grad_accum=4))
+    assert [s for s, _ in draws] == [1, 1, 1, 1]
+    xs = torch.stack([x for _, x in draws])
+    assert len({tuple(x.tolist()) for x in xs}) == 4
+    # SGD on the mean of (v - x_i)^2 from v = 0: v = 0.1 * 2 * mean(x)
+    torch.testing.assert_close(res.params["v"], 0.2 * xs.mean(0))
+    assert res.losses[0] == pytest.approx(float((xs ** 2).sum(1).mean()), rel=1e-6)
