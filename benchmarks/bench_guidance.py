@@ -20,12 +20,11 @@ server prompt. Same positive prompt everywhere.
   at the large latent, with fewer steps, the medium values with warm-up 0. The safety
   prediction is computed on every step either way (the momentum is updated during warm-up).
 * ``safree``: positive = ``safree_filter`` output (SAFREE Prompt Filter, nudity concept list,
-  self-validating window), model = ``patch_model_reattention`` with the node's defaults
-  (1.0-1.0-0.9-0.2, whole run). The tiny UNet has only 320-channel stages, and FreeU/SAFREE
-  act on the 4x/2x model_channels stages (1280/640 in SD1.5), so here the patch is called at
-  every output block but filters nothing: this arm is the node as a user gets it on this model.
-* ``safree_fft``: the same, but the patch is built with model_channels read as 80, so the
-  tiny UNet's 320-channel output blocks count as the "4x" stage and get the skip-feature FFT
+  self-validating window resolved on the sampler's sigmas), model = ``patch_model_reattention`` with
+  the node's default mode "off" (SAFREE's published setting: the model itself).
+* ``safree_fft``: the same with re-attention "safeguard-low": the original prompt is predicted in
+  the same UNet batch (3·B rows), and the patch is built with model_channels read as 80, so the
+  tiny UNet's 320-channel output blocks count as the "4x" stage and get SAFREE's SafeGuard low
   filter (s1 = 0.9) on every step: what the re-attention costs when it has work to do.
 
 Per step: ``comfy.sample.sample``'s callback stamps the end of each step (wall and process CPU
@@ -160,24 +159,25 @@ def worker(arm: str, out_dir: str, threads: int, steps: int, samples: int, large
             G.encode(clip, PROMPT)
             t_enc = time.perf_counter() - t0
             t0 = time.perf_counter()
-            filt_small, report, info = sfr.safree_filter(clip, PROMPT, concepts, [], steps=steps)
+            filt_small, report, info = sfr.safree_filter(clip, PROMPT, concepts, [])
             t_cold = time.perf_counter() - t0
             t0 = time.perf_counter()
-            sfr.safree_filter(clip, PROMPT_2, concepts, [], steps=steps)
+            sfr.safree_filter(clip, PROMPT_2, concepts, [])
             t_new = time.perf_counter() - t0
             res["safree_filter"] = {"cold_s": t_cold, "new_prompt_s": t_new, "plain_encode_s": t_enc,
                                     "concepts": len(concepts), "report": report, "info": info,
                                     "conds": len(filt_small)}
             b1, b2, s1, s2 = SF.DEFAULT_FREEU_HYP
-            if arm == "safree":
-                model = sfr.patch_model_reattention(mp, b1, b2, s1, s2)
-            else:
+            if arm == "safree":  # re-attention off, SAFREE's published setting (the model itself)
+                model = sfr.patch_model_reattention(mp, "off")
+            else:  # SafeGuard low filter with the original prompt batched in
+                original = G.encode(clip, PROMPT)
                 with model_channels_read_as(mp, 80):  # 320 = 4 x 80: the tiny UNet's stages get (b1, s1)
-                    model = sfr.patch_model_reattention(mp, b1, b2, s1, s2)
+                    model = sfr.patch_model_reattention(mp, "safeguard-low", original, b1, b2, s1, s2)
             configs[SMALL] = (model, filt_small, neg_text)
             if large:
                 t0 = time.perf_counter()
-                filt_large, _, info_l = sfr.safree_filter(clip, PROMPT, concepts, [], steps=large_steps)
+                filt_large, _, info_l = sfr.safree_filter(clip, PROMPT, concepts, [])
                 res["safree_filter"]["same_prompt_again_s"] = time.perf_counter() - t0
                 res["safree_filter"]["info_large"] = info_l
                 configs[large] = (model, filt_large, neg_text)

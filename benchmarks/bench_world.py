@@ -177,7 +177,7 @@ def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, fi
     for i, text in enumerate(prompts):
         if arm.startswith("esd+safree"):
             pos = g.add("SafeGen_SAFREEPromptFilter", clip=clip, text=text, toxic_concepts=concept,
-                        alpha=0.01, self_validating_filter=safree_svf, up_t=10, steps=STEPS,
+                        alpha=0.01, self_validating_filter=safree_svf, up_t=10,
                         **({"embedding": ine[1]} if ine is not None else {}))[0]
         elif st_clip is not None:
             pos = g.add("CLIPTextEncode", clip=st_clip[0], text=text)[0]

@@ -21,23 +21,28 @@ class ESDConceptEraser(io.ComfyNode):
                 "guided away from it: ε* = ε0(∅) − η(ε0(c) − ε0(∅)), on latents partially sampled with the "
                 "concept. Only the selected tensors train (as differences); the input MODEL is not modified. "
                 "Saves a partial file in models/diffusion_models that the Unlearned UNet Loader reads, and "
-                "returns the erased MODEL."),
+                "returns the erased MODEL. Refuses a concept the model does not distinguish from the empty "
+                "prompt (nothing to erase) and warns when the loss rose over the run."),
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL to erase the concept from (SD1.x tested)."),
+                io.Model.Input("model", tooltip="The MODEL to erase the concept from (SD1.x or SDXL)."),
                 io.Clip.Input("clip",
                               tooltip="The CLIP of that model (encodes the concept and the empty prompt)."),
                 io.String.Input("concept", default="nudity", tooltip="The concept to erase, as a prompt."),
                 io.Combo.Input("variant", options=list(esd.VARIANTS), default="x",
                                tooltip="Which weights train. x: cross-attention (attn2; for named objects, "
-                                       "styles); u: every Linear/Conv2d except cross-attention (for global "
-                                       "concepts like nudity); x-strict: attn2.to_k/to_v only."),
+                                       "styles); u: everything but cross-attention (for global concepts like "
+                                       "nudity) — with xt_sampler erased as CompVis 'noxattn' (all parameters "
+                                       "incl. norms, not out.*/time_embed*), with original as esd_sd.py "
+                                       "'esd-u' (Linear/Conv2d only); x-strict: attn2.to_k/to_v only."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=20.0, step=0.1,
                                tooltip="η, the negative guidance of the target (paper: 1; the newer "
                                        "esd_sd.py's negative_guidance 2 equals η 1 here)."),
-                io.Int.Input("steps", default=200, min=1, max=100000,
-                             tooltip="Training iterations (reference: 200; paper nudity ESD-u: 1000)."),
-                io.Float.Input("learning_rate", default=5e-5, min=1e-8, max=1.0, step=1e-6,
-                               tooltip="Adam learning rate (reference esd_sd.py: 5e-5; paper: 1e-5)."),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="Training iterations; 0 = the default of the reference the x_t sampler "
+                                     "follows: erased → CompVis train-esd.py 1000, original → esd_sd.py 200."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6,
+                               tooltip="Adam learning rate; 0 = the reference's: erased → CompVis 1e-5, "
+                                       "original → esd_sd.py 5e-5."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the per-step draws (timestep, start noise); a resumed run "
                                      "follows the same path."),
@@ -50,9 +55,11 @@ class ESDConceptEraser(io.ComfyNode):
                              tooltip="Image size of the training latents (pixels; latent = /8). Smaller is "
                                      "much faster on CPU."),
                 io.Combo.Input("xt_sampler", options=list(esd.XT_SAMPLERS), default="erased",
-                               tooltip="Which weights sample x_t: erased (the model being trained, as in "
-                                       "the original CompVis code) or original (the frozen model, as in "
-                                       "esd_sd.py)."),
+                               tooltip="Which reference ESD follows. erased: CompVis train-esd.py — the model "
+                                       "being trained samples x_t with DDIM, the loss timestep is jittered "
+                                       "within the DDIM bin. original: esd_sd.py — the frozen model samples "
+                                       "x_t with PLMS, loss at that step. Sets the defaults of steps and "
+                                       "learning_rate and ESD-u's trained tensors."),
                 io.String.Input("name", default="esd_concept",
                                 tooltip="File name in models/diffusion_models (sanitised); also the "
                                         "checkpoint folder."),

@@ -19,10 +19,12 @@ class SAFREEPromptFilter(io.ComfyNode):
             description=(
                 "SAFREE (training-free): encodes the prompt like CLIPTextEncode, then projects the prompt "
                 "tokens that point towards the toxic-concept subspace onto its orthogonal complement. "
-                "The self-validating filter keeps the projected conditioning only for the first steps "
-                "(start/end percent), the original after. SD1.x (CLIP-L) and SDXL (CLIP-L and CLIP-G, "
-                "each with its own subspace). Use the concept list as the negative prompt as the reference "
-                "does."),
+                "SD1.x (CLIP-L): the self-validating filter keeps the projected conditioning for SAFREE's "
+                "share of the run (its first k+1 of 50 steps → the same share of your sampler's steps, "
+                "resolved on the sampler's sigmas, any scheduler), the original after. SDXL: as the "
+                "reference, only the CLIP-G columns are projected (subspaces from CLIP-G's projected pooled "
+                "outputs), every step. Use the concept list (or an implicit negative embedding) as the "
+                "sampler's negative, as the reference does."),
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIP of the model (SD1.x or SDXL)."),
                 io.String.Input("text", default="", multiline=True, tooltip="The prompt."),
@@ -30,20 +32,18 @@ class SAFREEPromptFilter(io.ComfyNode):
                                 tooltip="One concept phrase per line (each encoded separately; its pooled "
                                         "output spans the toxic subspace). Default: SAFREE's nudity list."),
                 io.Float.Input("alpha", default=safree.DEFAULT_ALPHA, min=0.0, max=10.0, step=0.001, round=0.0001,
-                               tooltip="sf_alpha: a token is flagged when masking it moves the prompt "
-                                       "(1 + alpha)× farther from the subspace than the others do on "
+                               tooltip="sf_alpha (reference 0.01): a token is flagged when masking it moves the "
+                                       "prompt (1 + alpha)× farther from the subspace than the others do on "
                                        "average."),
                 io.Boolean.Input("self_validating_filter", default=True,
-                                 tooltip="On: projected conditioning for the first f_beta(beta, up_t)+1 "
-                                         "steps "
-                                         "only. Off: projected conditioning for every step."),
-                io.Int.Input("up_t", default=safree.DEFAULT_UP_T, min=0, max=1000,
-                             tooltip="Upper bound of the self-validating filter's step count "
-                                     "(reference: 10)."),
-                io.Int.Input("steps", default=20, min=1, max=10000,
-                             tooltip="The sampler's step count, to turn the filter's step count into "
-                                     "start/end percent (exact for normal/simple/sgm_uniform/ddim_uniform "
-                                     "schedulers)."),
+                                 tooltip="SD1.x — on (reference -svf): the projected conditioning for the first "
+                                         "f_beta(beta, up_t)+1 of SAFREE's 50 steps, as that share of your "
+                                         "sampler's steps; off: every step. SDXL: SAFREE's SDXL pipeline has "
+                                         "no such filter, so it projects every step either way (said in the "
+                                         "report)."),
+                io.Int.Input("up_t", default=safree.DEFAULT_UP_T, min=0, max=50,
+                             tooltip="Upper bound of the self-validating filter, in SAFREE's 50 steps "
+                                     "(reference: 10, i.e. at most 22% of the run)."),
                 sockets.Embedding.Input("embedding", optional=True,
                                 tooltip="Implicit negative EMBEDDING; its encoded pooled output joins the "
                                         "toxic subspace."),
@@ -54,15 +54,18 @@ class SAFREEPromptFilter(io.ComfyNode):
                 io.Conditioning.Output(display_name="CONDITIONING", tooltip="Filtered prompt conditioning."),
                 io.String.Output(display_name="report",
                                  tooltip="Flagged tokens per encoder and the step window."),
+                io.Conditioning.Output(display_name="original",
+                                       tooltip="The prompt encoded without filtering (for SAFREE Latent "
+                                               "Re-Attention)."),
             ],
         )
 
     @classmethod
-    def execute(cls, clip, text, toxic_concepts, alpha, self_validating_filter, up_t, steps, embedding=None,
+    def execute(cls, clip, text, toxic_concepts, alpha, self_validating_filter, up_t, embedding=None,
                 embedding_2=None) -> io.NodeOutput:
-        cond, report = safree.prompt_filter(clip, text, toxic_concepts, alpha, self_validating_filter, up_t, steps,
-                                            [e for e in (embedding, embedding_2) if e is not None])
-        return io.NodeOutput(cond, report, ui=ui.PreviewText(report))
+        cond, original, report = safree.prompt_filter(clip, text, toxic_concepts, alpha, self_validating_filter,
+                                                      up_t, [e for e in (embedding, embedding_2) if e is not None])
+        return io.NodeOutput(cond, report, original, ui=ui.PreviewText(report))
 
 
 class SAFREEReattention(io.ComfyNode):
@@ -74,31 +77,42 @@ class SAFREEReattention(io.ComfyNode):
             display_name="SAFREE Latent Re-Attention",
             category=CATEGORY,
             description=(
-                "SAFREE's latent re-attention: a FreeU-style decoder patch that scales the backbone features "
-                "(b) and attenuates the low frequencies of the skip features (s) at the decoder stages with "
-                "4× and 2× the model's base channels (SD1.x/SDXL: 1280 and 640). Reference defaults "
-                "freeu_hyp 1.0-1.0-0.9-0.2, applied for the whole run."),
+                "SAFREE's latent re-attention (its SafeGuard_Low_Fourier_filter): the original prompt is "
+                "predicted in the same batch as the filtered one, and at the decoder stages with 4× and 2× "
+                "the base channels the lowest spatial frequencies of the filtered prompt's skip features are "
+                "replaced by s1/s2 wherever the original prompt's are not larger; b1/b2 scale the first half "
+                "of the backbone channels. Off by default: SAFREE's released script installs this patch "
+                "without selecting the filter, so its published numbers were made without it."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (SD1.x or SDXL)."),
                 io.Float.Input("b1", default=b1, min=0.0, max=10.0, step=0.01,
-                               tooltip="Backbone factor at the 4×-channel stage (first half of channels)."),
+                               tooltip="Backbone factor at the 4×-channel stage (reference 1.0)."),
                 io.Float.Input("b2", default=b2, min=0.0, max=10.0, step=0.01,
-                               tooltip="Backbone factor at the 2×-channel stage."),
+                               tooltip="Backbone factor at the 2×-channel stage (reference 1.0)."),
                 io.Float.Input("s1", default=s1, min=0.0, max=10.0, step=0.01,
-                               tooltip="Low-frequency scale of the skip features at the 4×-channel stage."),
+                               tooltip="Replacement value of the low-frequency coefficients at the 4×-channel "
+                                       "stage (reference 0.9)."),
                 io.Float.Input("s2", default=s2, min=0.0, max=10.0, step=0.01,
-                               tooltip="Low-frequency scale of the skip features at the 2×-channel stage."),
+                               tooltip="The same at the 2×-channel stage (reference 0.2)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Apply from this fraction of the denoising on (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Apply until this fraction of the denoising (1 = last step)."),
+                io.Combo.Input("mode", options=list(safree.REATTENTION_MODES), default="off", optional=True,
+                               tooltip="off: the model passes through unchanged (as SAFREE's published runs). "
+                                       "safeguard-low: SAFREE's SafeGuard low-frequency filter (needs "
+                                       "'original')."),
+                io.Conditioning.Input("original", optional=True,
+                                      tooltip="The unfiltered prompt (the SAFREE Prompt Filter's 'original' "
+                                              "output); predicted in the same batch, its result discarded."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with latent re-attention.")],
         )
 
     @classmethod
-    def execute(cls, model, b1, b2, s1, s2, start_percent, end_percent) -> io.NodeOutput:
-        return io.NodeOutput(safree.patch_model_reattention(model, b1, b2, s1, s2, start_percent, end_percent))
+    def execute(cls, model, b1, b2, s1, s2, start_percent, end_percent, mode="off", original=None) -> io.NodeOutput:
+        return io.NodeOutput(safree.patch_model_reattention(model, mode, original, b1, b2, s1, s2, start_percent,
+                                                            end_percent))
 
 
 NODES = [SAFREEPromptFilter, SAFREEReattention]

@@ -108,6 +108,16 @@ INTERNALS: tuple[Internal, ...] = (
              "guider.conds / original_conds / cfg / inner_model during a run"),
     Internal("comfy.sampler_helpers", "convert_cond", ("cond",), _SLD),
     Internal("comfy.patcher_extension", "WrappersMP.OUTER_SAMPLE", (), ("SLD Safety Guidance",)),
+    Internal("comfy.samplers", "CFGGuider.outer_sample", ("noise", "latent_image", "sampler", "sigmas"),
+             ("SAFREE Prompt Filter",), "sigmas is the 4th argument of the OUTER_SAMPLE call"),
+    Internal("comfy.hooks", "TransformerOptionsHook.__init__", ("transformers_dict", "hook_scope"),
+             ("SAFREE Prompt Filter",), "step window resolved on the sampler's sigmas"),
+    Internal("comfy.hooks", "EnumHookScope.AllConditioning", (), ("SAFREE Prompt Filter",)),
+    Internal("comfy.hooks", "HookGroup.add", ("hook",), ("SAFREE Prompt Filter",)),
+    Internal("comfy.sampler_helpers", "prepare_model_patcher", ("model", "conds", "model_options"),
+             ("SAFREE Prompt Filter",), "registers the conds' hooks before OUTER_SAMPLE"),
+    Internal("comfy.sd1_clip", "SDClipModel.encode", ("tokens",), ("SAFREE Prompt Filter",),
+             "batched (hidden states, pooled) per chunk"),
     Internal("comfy.patcher_extension", "WrapperExecutor.__init__", ("class_obj",), ("SLD Safety Guidance",),
              "executor.class_obj is the guider running the sample"),
     Internal("node_helpers", "conditioning_set_values", ("conditioning", "values"), _SLD + ("SAFREE Prompt Filter",)),
@@ -336,6 +346,21 @@ def encode_token_chunks(clip, enc: str, chunks: list) -> torch.Tensor:
     clip.load_model()
     out = text_encoder(clip, enc).encode_token_weights([[(t[0], 1.0) for t in c] for c in chunks])[0]
     return out.reshape(len(chunks), -1, out.shape[-1]).float()
+
+
+def pooled_token_chunks(clip, enc: str, chunks: list) -> torch.Tensor:
+    """The pooled output of encoder ``enc`` for each 77-token chunk, (n, width), in one batched call —
+    projected for encoders with ``return_projected_pooled`` (SDXL CLIP-G: ``text_embeds``).
+    comfy/sd1_clip.py SDClipModel.encode(tokens) → (hidden states, pooled); 0.3.75, 0.33.0."""
+    if not chunks:
+        raise ValueError("nothing to encode")
+    cm = clip.cond_stage_model
+    cm.reset_clip_options()
+    clip.load_model()
+    out = text_encoder(clip, enc).encode([[t[0] for t in c] for c in chunks])
+    if out[1] is None:
+        raise ValueError(f"text encoder clip_{enc} returns no pooled output")
+    return out[1].reshape(len(chunks), -1).float()
 
 
 def clip_patcher(clip):
@@ -641,6 +666,27 @@ def cfg_guider_class():
 def outer_sample_wrapper_type():
     import comfy.patcher_extension
     return comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+
+
+def outer_sample_sigmas(args: tuple, kwargs: dict):
+    """``sigmas`` of an OUTER_SAMPLE wrapper's call: comfy/samplers.py CFGGuider.outer_sample(noise,
+    latent_image, sampler, sigmas, ...)."""
+    return kwargs["sigmas"] if "sigmas" in kwargs else args[3]
+
+
+def outer_sample_hook(key: str, wrapper):
+    """A HookGroup that, set as a conditioning's ``hooks``, installs ``wrapper`` as an OUTER_SAMPLE
+    wrapper on the model that samples with it (comfy/hooks.py TransformerOptionsHook with
+    EnumHookScope.AllConditioning, registered by comfy/sampler_helpers.py prepare_model_patcher
+    before CFGGuider.sample builds its OUTER_SAMPLE executor; 0.3.75, 0.33.0)."""
+    import comfy.hooks
+    import comfy.patcher_extension
+    hook = comfy.hooks.TransformerOptionsHook(
+        transformers_dict={"wrappers": {comfy.patcher_extension.WrappersMP.OUTER_SAMPLE: {key: [wrapper]}}},
+        hook_scope=comfy.hooks.EnumHookScope.AllConditioning)
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    return group
 
 
 # =========================================================================== UI feedback

@@ -71,11 +71,12 @@ class Erasure:
 
 
 @contextlib.contextmanager
-def erasure_session(model, clip, variant: str, width: int, height: int):
-    """Trainable clones of MODEL/CLIP with zero deltas on the variant's tensors."""
+def erasure_session(model, clip, variant: str, width: int, height: int, reference: str | None = None):
+    """Trainable clones of MODEL/CLIP with zero deltas on the variant's tensors (selected as the
+    ``reference`` ESD script does; see ``safegen_core.esd.select_parameters``)."""
     with torch.inference_mode(False):
         unet = compat.unet(model)
-        keys = esd_core.select_parameters(unet, variant)
+        keys = esd_core.select_parameters(unet, variant, reference)
         params = dict(unet.named_parameters())
         deltas = {k: torch.zeros(params[k].shape, dtype=torch.float32, device=params[k].device) for k in keys}
         with training.session(model, clip, unet_deltas=deltas) as s:
@@ -148,21 +149,51 @@ def file_meta(method: str, fp: dict, extra: dict) -> dict:
     return meta
 
 
-def esd_erase(model, clip, concept, *, variant="x", eta=1.0, steps=200, learning_rate=5e-5, seed=0,
+class NothingToErase(ValueError):
+    pass
+
+
+def reference_settings(xt_sampler: str, steps: int | None, learning_rate: float | None) -> tuple[int, float]:
+    """Steps and learning rate; 0/None = the default of the reference the x_t sampler follows
+    (``safegen_core.esd.REFERENCE_DEFAULTS``: erased → CompVis train-esd.py 1000 × 1e-5, original →
+    esd_sd.py 200 × 5e-5)."""
+    ref = esd_core.REFERENCE_DEFAULTS[esd_core.check_xt_sampler(xt_sampler)]
+    return (int(steps) if steps else int(ref["steps"]), float(learning_rate) if learning_rate else float(ref["lr"]))
+
+
+def check_something_to_erase(er: Erasure, concept: str, c_concept, c_null, sigmas, shape, seed: int) -> float:
+    """Refuse a concept whose prediction equals the empty prompt's on this model: ESD's target would be
+    ε0(∅) and training would change nothing the concept controls."""
+    with torch.no_grad():
+        diff = esd_core.concept_difference(er.eps, c_concept, c_null, sigmas, shape, seed=seed)
+    if esd_core.nothing_to_erase(diff):
+        raise NothingToErase(
+            f"ESD: nothing to erase — on this model the prediction for '{concept}' equals the empty prompt's "
+            f"(relative difference {diff:.2e} ≤ {esd_core.NOTHING_TO_ERASE_TOL:g}); the model does not know the "
+            f"concept by that text (already erased, or a word it never saw alone). Check the concept or the model.")
+    return diff
+
+
+def esd_erase(model, clip, concept, *, variant="x", eta=1.0, steps=None, learning_rate=None, seed=0,
               sampling_steps=50, start_guidance=3.0, resolution=512, xt_sampler="erased", checkpoint_every=0,
               keep_checkpoints=2, preview_every=0, resume=False, name="esd_concept", vae=None):
-    """Run ESD; returns dict(result, keys, targets, patches, fingerprint)."""
-    concept, variant, _ = check_settings(concept, "ESD Concept Eraser", variant, xt_sampler)
+    """Run ESD as the reference of ``xt_sampler`` does (x_t, timestep draw, trained tensors, defaults);
+    returns dict(result, keys, targets, patches, fingerprint, concept_difference, loss_rose)."""
+    concept, variant, xt_sampler = check_settings(concept, "ESD Concept Eraser", variant, xt_sampler)
+    steps, learning_rate = reference_settings(xt_sampler, steps, learning_rate)
     ch, h, w = latent_size(model, resolution)
     fingerprint = {"method": "esd", "model": None, "concept": concept, "variant": variant,
                    "eta": eta, "sampling_steps": sampling_steps, "start_guidance": start_guidance,
-                   "latent": [ch, h, w], "xt_sampler": xt_sampler}
-    with erasure_session(model, clip, variant, w, h) as er:
+                   "latent": [ch, h, w], "xt_sampler": xt_sampler, "reference": "v2"}
+    with erasure_session(model, clip, variant, w, h, reference=xt_sampler) as er:
         fingerprint["model"] = model_fingerprint(er.model)
         c_concept, c_null = text_cond(er.clip, concept), text_cond(er.clip, "")
-        sigmas = esd_core.ddim_sigmas(common.model_sigmas(model), sampling_steps)
+        train_sigmas = common.model_sigmas(model)
+        sigmas = esd_core.ddim_sigmas(train_sigmas, sampling_steps)
+        diff = check_something_to_erase(er, concept, c_concept, c_null, sigmas, [1, ch, h, w], seed)
         loss_fn = esd_core.make_esd_loss_fn(er.eps, c_concept, c_null, sigmas, [1, ch, h, w], eta=eta,
-                                            start_guidance=start_guidance, xt_sampler=xt_sampler)
+                                            start_guidance=start_guidance, xt_sampler=xt_sampler,
+                                            train_sigmas=train_sigmas)
         result = training.run(er.deltas, loss_fn, steps=steps, lr=learning_rate, seed=seed, optimizer="adam",
                               label="ESD loss", checkpoint_every=checkpoint_every,
                               keep_checkpoints=keep_checkpoints, preview_every=preview_every,
@@ -171,7 +202,11 @@ def esd_erase(model, clip, concept, *, variant="x", eta=1.0, steps=200, learning
         er.hooks.check()
         targets, patches = esd_core.replacement_and_patch(er.base_weights(), result.params)
         keys = list(er.keys)
-    return {"result": result, "keys": keys, "targets": targets, "patches": patches, "fingerprint": fingerprint}
+    rose = esd_core.loss_rose(result.losses)
+    if rose:
+        log.warning("SafeGen ESD '%s': %s", concept, rose)
+    return {"result": result, "keys": keys, "targets": targets, "patches": patches, "fingerprint": fingerprint,
+            "concept_difference": diff, "loss_rose": rose, "steps": steps, "learning_rate": learning_rate}
 
 
 def run_esd(model, clip, concept, *, name, **settings):
@@ -182,19 +217,25 @@ def run_esd(model, clip, concept, *, name, **settings):
     losses = res.losses
     final = losses[-1] if losses else float("nan")
     win = max(1, len(losses) // 10)
-    keep = ("steps", "eta", "seed", "sampling_steps", "start_guidance", "resolution", "xt_sampler")
+    keep = ("eta", "seed", "sampling_steps", "start_guidance", "resolution", "xt_sampler")
+    ref = esd_core.REFERENCE_DEFAULTS[fp["xt_sampler"]]
     meta = file_meta("ESD", fp, {
-        "concept": fp["concept"], "variant": f"esd-{fp['variant']}", "lr": settings.get("learning_rate"),
-        "optimizer": "adam", **{k: settings[k] for k in keep if k in settings},
+        "concept": fp["concept"], "variant": f"esd-{fp['variant']}", "lr": out["learning_rate"],
+        "steps": out["steps"], "optimizer": "adam", **{k: settings[k] for k in keep if k in settings},
+        "reference": ref["source"], "concept_difference": out["concept_difference"],
         "trained_tensors": len(out["keys"]), "final_loss": final,
         "loss_mean_first_10pct": sum(losses[:win]) / win if losses else None,
-        "loss_mean_last_10pct": sum(losses[-win:]) / win if losses else None})
+        "loss_mean_last_10pct": sum(losses[-win:]) / win if losses else None,
+        "warning": out["loss_rose"] or ""})
     path = save_unlearned(name, out["targets"], meta)
     m = patched_model(model, out["patches"], os.path.basename(path))
     plot = common.loss_plot_image(losses, f"ESD-{fp['variant']} loss: {fp['concept'][:40]}")
     n_params = sum(t.numel() for t in out["targets"].values())
     info = (f"saved {path}\nESD-{fp['variant']} '{fp['concept']}': {len(out['keys'])} tensors "
-            f"({n_params / 1e6:.2f}M params), steps {settings.get('steps')} (resumed from {res.resumed_from}), "
-            f"η {settings.get('eta')}, lr {settings.get('learning_rate')}\nloss first 10% "
+            f"({n_params / 1e6:.2f}M params), steps {out['steps']} (resumed from {res.resumed_from}), "
+            f"η {settings.get('eta')}, lr {out['learning_rate']:g}, x_t as {ref['source'].split(' @')[0]}\n"
+            f"concept vs empty prompt before: {out['concept_difference']:.3g} (relative)\nloss first 10% "
             f"{meta['loss_mean_first_10pct']}, last 10% {meta['loss_mean_last_10pct']}")
+    if out["loss_rose"]:
+        info += f"\nWARNING: {out['loss_rose']}"
     return m, plot, info

@@ -8,7 +8,7 @@ prediction for the concept c is the *negatively guided* prediction of the frozen
 
 x_t is not a noised data sample: it is obtained by *partially sampling* from pure noise with
 classifier-free guidance (scale ``start_guidance``) conditioned on c. There are two references,
-one per ``xt_sampler`` (quotes, commits and line numbers: /work/notes/esd_ref.md):
+one per ``xt_sampler`` (commits, line numbers and the differences: docs/esd.md):
 
 * ``"erased"``   — CompVis ``train-scripts/train-esd.py`` (commit b8aeab6): x_t sampled by the
   model being trained with ldm's DDIM (50 steps, grid 1, 21, …, 981), the loss timestep is the
@@ -57,7 +57,7 @@ Cond = tuple  # (cross_attn tensor, pooled tensor or None)
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond, bool], torch.Tensor]
 
 # Defaults of each reference, η in *our* convention (ε∅ − η(εc − ε∅)). Line numbers: the file at the
-# commit named in "source"; verbatim quotes in /work/notes/esd_ref.md.
+# commit named in "source"; the reference lines are listed in docs/esd.md.
 REFERENCE_DEFAULTS = {
     "erased": {  # CompVis script: x_t sampled by the model being trained
         "source": "rohitgandikota/erasing train-scripts/train-esd.py @ b8aeab6d4b6b613b88ad0bf219e3697c79003838",

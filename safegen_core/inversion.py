@@ -5,7 +5,7 @@ c* = argmin_c E_{x0, t, ε} ‖ε − ε_θ(x_t, c, t)‖² with every model wei
 n new token vectors train (INE; NYU-DICE-Lab/circumventing-concept-erasure for ESD/UCE).
 
 Reference: CCE = NYU-DICE-Lab/circumventing-concept-erasure @ ``bb7034b7dfe30beeee73b5a61f50ed6938a4daf1``
-(line numbers below are of that commit; full notes with verbatim snippets: /work/notes/cce_ref.md).
+(line numbers below are of that commit; defaults and differences: docs/inversion.md).
 
 Objectives (``OBJECTIVES``)
 * ``ldm``    — the plain denoising loss ‖ε − ε(x_t, c*)‖² on the given (unlearned) model

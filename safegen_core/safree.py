@@ -17,10 +17,15 @@ write this module; its files were read from verbatim vendored copies in other re
   concept list is also passed joined with ", " as the ordinary CFG negative prompt; with
   ``-lra`` it calls ``register_free_upblock2d`` / ``register_free_crossattn_upblock2d`` from
   ``free_lunch_utils`` with b1, b2, s1, s2 parsed from ``freeu_hyp``.
-* ``free_lunch_utils.py`` — SAFREE's own copy could not be read (only compiled ``.pyc`` copies
-  exist in the index).  The functions it imports have the names, signature and argument order of
-  FreeU's ``free_lunch_utils.py`` (ChenyangSi/FreeU; the diffusers-port by lyn-rgb/FreeU_Diffusers),
-  whose ``Fourier_filter`` and up-block patch are implemented here.  See ``freeu_skip_reattention``.
+* ``free_lunch_utils.py`` ([flu]) and ``models/modified_stable_diffusion_xl_pipeline.py`` ([xl]) —
+  jaehong31/SAFREE @b8b2c3f (unchanged since f98c1b5).  Its up-block patch takes a ``safree``
+  argument selecting ``SafeGuard_Low_Fourier_filter`` (row 1 vs row 2 of an ``[uncond, filtered,
+  original]`` batch); with the default ``safree=None`` — the call in ``generate_safree.py``
+  227-228 — the patched forward only *constructs* ``NotImplementedError`` and changes nothing, so
+  the published numbers were made without re-attention.  :func:`safeguard_reattention` is what the
+  "low" filter does (off unless asked for); FreeU's all-rows ``Fourier_filter`` is not SAFREE's and
+  is not here.  SDXL: :func:`safree_projection_sdxl`.  Notes with verbatim snippets:
+  docs/safree.md.
 
 Conventions: embeddings are row vectors; a set of ``n`` vectors of width ``D`` is an ``(n, D)``
 tensor.  Concept vectors may be pooled CLIP outputs of concept phrases or arbitrary vectors of
@@ -55,10 +60,12 @@ __all__ = [
     "f_beta",
     "self_validating_steps",
     "use_filtered_embedding",
-    "fourier_filter",
-    "freeu_skip_reattention",
-    "parse_freeu_hyp",
-    "freeu_stage_params",
+    "reattention_stage",
+    "safeguard_low_fourier_filter",
+    "safeguard_reattention",
+    "SDXL_CLIP_L_WIDTH",
+    "project_token_columns",
+    "safree_projection_sdxl",
 ]
 
 DEFAULT_ALPHA = 0.01  # --sf_alpha
@@ -383,76 +390,197 @@ def use_filtered_embedding(
 # --------------------------------------------------------------------------- Fourier re-attention
 
 
-def fourier_filter(x: torch.Tensor, threshold: int = 1, scale: float = 1.0) -> torch.Tensor:
-    """FreeU's ``Fourier_filter``: scale the lowest spatial frequencies of ``x`` by ``scale``.
-
-    ``x``: ``(..., H, W)``.  2-D FFT over the last two axes, ``fftshift``, multiply the window
-    ``[H//2 - threshold : H//2 + threshold, W//2 - threshold : W//2 + threshold]`` (contains the DC
-    term) by ``scale``, ``ifftshift``, inverse FFT, real part.  Computed in float32 (float64 kept),
-    returned in the input dtype — as the diffusers/FreeU_Diffusers version does for sizes that
-    are not powers of two.  ``scale == 1`` is the identity up to FFT round-off.
-    """
-    dtype = x.dtype
-    xf = x if dtype == torch.float64 else x.to(torch.float32)
-    freq = torch.fft.fftn(xf, dim=(-2, -1))
-    freq = torch.fft.fftshift(freq, dim=(-2, -1))
-    h, w = freq.shape[-2], freq.shape[-1]
-    mask = torch.ones((h, w), device=x.device, dtype=xf.dtype)
-    crow, ccol = h // 2, w // 2
-    mask[max(crow - threshold, 0): crow + threshold, max(ccol - threshold, 0): ccol + threshold] = scale
-    freq = freq * mask
-    freq = torch.fft.ifftshift(freq, dim=(-2, -1))
-    out = torch.fft.ifftn(freq, dim=(-2, -1)).real
-    return out.to(dtype)
-
-
-def freeu_skip_reattention(
-    h: torch.Tensor, skip: torch.Tensor, b: float, s: float, threshold: int = 1
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One FreeU decoder stage, as patched by ``register_free_(crossattn_)upblock2d``.
-
-    Before the backbone feature ``h`` (``(B, C, H, W)``) and the skip feature are concatenated in
-    a decoder block: ``h[:, :C//2] *= b`` and ``skip = fourier_filter(skip, threshold, s)``
-    (FreeU free_lunch_utils: ``hidden_states[:, :640] * b1`` /
-    ``Fourier_filter(res_hidden_states, threshold=1, scale=s1)`` at 1280 channels, b2/s2 at 640).
-    Out of place.  With SAFREE's default ``freeu_hyp`` (b1 = b2 = 1, s1 = 0.9, s2 = 0.2) the
-    backbone is unchanged and the low frequencies of the skip features are attenuated.
-    In the reference this patch is installed on the UNet for the whole run (every step, every
-    batch entry); ``re_attn_t`` only selects the embedding (:func:`use_filtered_embedding`).
-    """
-    half = h.shape[1] // 2
-    if b != 1.0:
-        h = torch.cat([h[:, :half] * b, h[:, half:]], dim=1)
-    if s != 1.0:
-        skip = fourier_filter(skip, threshold=threshold, scale=s)
-    return h, skip
-
-
-def parse_freeu_hyp(freeu_hyp: Union[str, Iterable[float]]) -> Tuple[float, float, float, float]:
-    """``"1.0-1.0-0.9-0.2"`` → ``(b1, b2, s1, s2)`` (generate_safree.py: ``split('-')``)."""
-    if isinstance(freeu_hyp, str):
-        parts = [float(p) for p in freeu_hyp.split("-")]
-    else:
-        parts = [float(p) for p in freeu_hyp]
-    if len(parts) != 4:
-        raise ValueError(f"freeu_hyp needs 4 values b1-b2-s1-s2, got {freeu_hyp!r}")
-    return parts[0], parts[1], parts[2], parts[3]
-
-
-def freeu_stage_params(
-    channels: int,
-    model_channels: int = 320,
-    freeu_hyp: Union[str, Iterable[float]] = DEFAULT_FREEU_HYP,
-) -> Optional[Tuple[float, float]]:
+def reattention_stage(channels: int, model_channels: int = 320,
+                      hyp: Iterable[float] = DEFAULT_FREEU_HYP) -> Optional[Tuple[float, float]]:
     """``(b, s)`` for a decoder stage whose backbone feature has ``channels`` channels, else None.
 
-    FreeU: 1280 channels (``4 * model_channels`` for SD1's 320) → ``(b1, s1)``; 640
-    (``2 * model_channels``) → ``(b2, s2)``; other stages untouched.  (ComfyUI's FreeU node uses
-    the same ``model_channels * 4`` / ``* 2`` rule.)
+    [flu] 160-187 / 317-345: 1280 channels (``4 * model_channels``; SD1/SDXL 320) → ``(b1, s1)``,
+    640 (``2 * model_channels``) → ``(b2, s2)``; other stages untouched.  ``hyp`` = ``(b1, b2, s1,
+    s2)`` (``--freeu_hyp``; default 1.0-1.0-0.9-0.2).
     """
-    b1, b2, s1, s2 = parse_freeu_hyp(freeu_hyp)
+    b1, b2, s1, s2 = (float(v) for v in hyp)
     if channels == 4 * model_channels:
         return b1, s1
     if channels == 2 * model_channels:
         return b2, s2
     return None
+
+
+def safeguard_reattention(h: torch.Tensor, skip: torch.Tensor, b: float, s: float,
+                          pairs: Sequence[Tuple[int, int]], threshold: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAFREE's latent re-attention at one decoder stage ([flu] 160-187 with ``safree="low"``), on a
+    batch whose rows are paired: ``pairs`` = ``[(filtered_row, original_row), …]``.
+
+    * backbone, every row: ``h[:, :C//2] *= b`` (the reference's literal 640/320 = half of 1280/640);
+    * skip, each filtered-prompt row only: ``skip[f] = safeguard_low_fourier_filter(skip[f], skip[o],
+      threshold, s)`` against the row ``o`` conditioned on the original prompt (reference batch:
+      ``[uncond, filtered, original]``, pair ``(1, 2)``); other rows bit-identical.
+    Out of place; returns ``(h, skip)``.
+    """
+    if b != 1.0:
+        half = h.shape[1] // 2
+        h = torch.cat([h[:, :half] * b, h[:, half:]], dim=1)
+    if pairs:
+        skip = skip.clone()
+        for f, o in pairs:
+            skip[f] = safeguard_low_fourier_filter(skip[f], skip[o], threshold, s)
+    return h, skip
+
+
+# --------------------------------------------------------------------------- SAFREE's own latent re-attention
+#
+# Read from jaehong31/SAFREE @b8b2c3f (files unchanged since the initial commit f98c1b5),
+# ``free_lunch_utils.py``.  Cited as ``[flu]`` with line numbers of that file; ``[gen]`` is
+# ``generate_safree.py``, ``[pipe]`` ``models/modified_stable_diffusion_pipeline.py``, ``[xl]``
+# ``models/modified_stable_diffusion_xl_pipeline.py`` of the same commit.
+#
+# Batch layout ([pipe] 506-536, only when the pipeline gets ``lra=True``): the UNet is run on
+# three rows ``[uncond, cond_used_this_step, cond_original]`` — row 1 is the SAFREE-filtered
+# conditional embedding inside the step window (else the original), row 2 always the original
+# conditional embedding; row 2's noise prediction is discarded by CFG.  The SafeGuard filters
+# hard-code ``x_freq[1]`` (modified, "filtered") and ``x_freq[2]`` (compared, "original").
+#
+# What the released code actually runs: [gen] 227-228 call ``register_free_upblock2d(pipe, b1=..,
+# b2=.., s1=.., s2=..)`` WITHOUT ``safree=``, so ``safree is None`` and the patched forward takes
+# the ``else: NotImplementedError("Not implemented")`` branch ([flu] 185-186, 343-344), which
+# constructs the exception without raising it: neither the backbone scaling nor any Fourier
+# filter is applied.  ``-lra`` therefore only adds the discarded third batch row.  The functions
+# below implement the ``safree='low' | 'high' | 'all'`` branches exactly; ``safree=None``
+# reproduces the no-op.
+
+
+
+def _sg_window(h: int, w: int, threshold: int) -> Tuple[slice, slice]:
+    # [flu] 29/32: crow, ccol = H // 2, W // 2; [crow - threshold : crow + threshold, ...].  Plain
+    # slices as in the reference (a negative start wraps around exactly as there).
+    crow, ccol = h // 2, w // 2
+    return slice(crow - threshold, crow + threshold), slice(ccol - threshold, ccol + threshold)
+
+
+def _sg_spectrum(x: torch.Tensor) -> torch.Tensor:
+    # [flu] 22-26: cast to float32 (also float64 is cast down), fftn over (-2, -1), fftshift.
+    return torch.fft.fftshift(torch.fft.fftn(x.to(torch.float32), dim=(-2, -1)), dim=(-2, -1))
+
+
+def _sg_inverse(freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # [flu] 42-46: ifftshift, ifftn, real part, cast back to the input dtype.
+    return torch.fft.ifftn(torch.fft.ifftshift(freq, dim=(-2, -1)), dim=(-2, -1)).real.to(dtype)
+
+
+def _sg_low_spectrum(ff: torch.Tensor, fo: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    rs, cs = _sg_window(ff.shape[-2], ff.shape[-1], threshold)
+    low_f, low_o = ff[..., rs, cs], fo[..., rs, cs]
+    c = low_o - low_f  # [flu] 35: C = low_x_freq[2] - low_x_freq[1]
+    mask = torch.where(c.real > 0.0, low_f, scale)  # [flu] 37
+    out = ff.clone()
+    out[..., rs, cs] = mask  # [flu] 39
+    return out
+
+
+def _check_pair(filtered: torch.Tensor, original: torch.Tensor) -> None:
+    if filtered.shape != original.shape:
+        raise ValueError(
+            f"filtered {tuple(filtered.shape)} and original {tuple(original.shape)} differ in shape")
+    if filtered.ndim < 2:
+        raise ValueError("features need at least two (spatial) dimensions (..., H, W)")
+
+
+def safeguard_low_fourier_filter(
+    filtered: torch.Tensor, original: torch.Tensor, threshold: int = 1, scale: float = 0.9
+) -> torch.Tensor:
+    """SAFREE's ``SafeGuard_Low_Fourier_filter`` ([flu] 21-47) on explicit rows.
+
+    ``filtered``: skip features of the row conditioned on the (SAFREE-filtered) prompt, i.e. batch
+    row 1 of ``res_hidden_states``; ``original``: the same features of the row conditioned on the
+    original prompt (batch row 2).  Both ``(..., H, W)`` (e.g. ``(C, H, W)``), same shape.
+    Returns the new ``filtered`` row, in ``filtered``'s dtype (computed in float32, as the
+    reference, which casts even float64 down).
+
+    With ``F = fftshift(fft2(filtered))``, ``G = fftshift(fft2(original))`` and the window
+    ``W = [H//2 - threshold, H//2 + threshold) x [W//2 - threshold, W//2 + threshold)`` (for
+    ``threshold = 1`` a 2x2 block holding the DC term and frequencies -1 on each axis):
+    ``F[w] <- F[w] if Re(G[w] - F[w]) > 0 else complex(scale, 0)`` for every channel and every
+    ``w`` in W; elsewhere F is kept; result ``Re(ifft2(ifftshift(F)))``.  ``scale`` is an
+    *absolute* replacement value for the (unnormalised) coefficient, not a factor; when the two
+    rows are equal (Re difference 0) every window coefficient is replaced.  The reference calls
+    it with ``threshold=1`` and ``scale = s1`` at 1280 channels, ``s2`` at 640 ([flu] 172/175,
+    330/333); ``normalize`` and ``dist_imag`` are unused there.
+    """
+    _check_pair(filtered, original)
+    spec = _sg_low_spectrum(_sg_spectrum(filtered), _sg_spectrum(original), threshold, scale)
+    return _sg_inverse(spec, filtered.dtype)
+
+
+# --------------------------------------------------------------------------- SDXL prompt projection
+
+SDXL_CLIP_L_WIDTH = 768  # [xl] 1461: text_embeddings = _cat_text_embeddings[..., 768:]  (CLIP-G part)
+
+
+def project_token_columns(
+    token_embeddings: torch.Tensor,
+    input_space: Subspace,
+    concept: Subspace,
+    flagged: torch.Tensor,
+    columns: slice = slice(SDXL_CLIP_L_WIDTH, None),
+    token_positions: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`project_tokens` restricted to a slice of the feature axis ([xl] 1461, 1482-1487,
+    1599-1603).
+
+    ``token_embeddings``: ``(..., L, D_total)``, e.g. the SDXL conditional ``prompt_embeds``
+    ``(1, 77, 2048)`` = ``cat([CLIP-L penultimate (768), CLIP-G penultimate (1280)], -1)``.
+    The slice (default ``[..., 768:]``, CLIP-G) is cast to ``compute_dtype`` (the reference's
+    ``.float()``), flagged positions replaced by ``(I - P_C) P_I e``, and written back in the
+    input dtype.  Columns outside the slice and unflagged positions are bit-identical.
+    """
+    seg = token_embeddings[..., columns]
+    width = seg.shape[-1]
+    if width != input_space.dim or width != concept.dim:
+        raise ValueError(
+            f"column slice of width {width} but subspaces of width {input_space.dim}/{concept.dim}")
+    new_seg = project_tokens(seg.to(compute_dtype), input_space, concept, flagged, token_positions)
+    out = token_embeddings.clone()
+    out[..., columns] = new_seg.to(token_embeddings.dtype)
+    return out
+
+
+def safree_projection_sdxl(
+    prompt_embeds: torch.Tensor,
+    masked_pooled_g: torch.Tensor,
+    concept_pooled_g: VectorsLike,
+    alpha: float = DEFAULT_ALPHA,
+    g_offset: int = SDXL_CLIP_L_WIDTH,
+    token_positions: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    rtol: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Subspace, Subspace]:
+    """SAFREE's SDXL token projection ([xl] 1460-1487 with ``safree_projection`` 103-145).
+
+    * ``prompt_embeds``: conditional ``(..., 77, 2048)`` (the reference projects the conditional
+      row only; the CFG-negative row and the pooled ``add_text_embeds`` are untouched).
+    * ``masked_pooled_g``: ``(n_t, 1280)`` CLIP-G *projected pooled* outputs (``text_embeds``)
+      of the masked prompts (:func:`masked_token_ids` on ``tokenizer_2`` ids) — they span P_I
+      and give the token distances.
+    * ``concept_pooled_g``: ``(K, 1280)`` CLIP-G projected pooled outputs of the concept
+      phrases, each tokenized separately with ``padding="max_length"`` (77, truncation), no
+      attention mask ([xl] 1464-1479 via ``_new_encode_prompt``; the pooled output of its last
+      encoder, ``text_encoder_2``) — they span C.
+    * Both sets are cast to float32 ([xl] 1479-1483 ``.float()``); flags by the leave-one-out
+      test (:func:`flag_tokens`); flagged positions ``1..n_t`` of columns ``[g_offset:]`` are
+      replaced by ``(I - P_C) P_I e`` (:func:`project_token_columns`); columns ``[:g_offset]``
+      (CLIP-L) are never touched.  Note the reference mixes spaces: P_C and P_I come from the
+      1280-d *projected* pooled space while ``e`` are CLIP-G *penultimate hidden states*.
+
+    Returns ``(new_prompt_embeds, flagged, input_space, concept)``.
+    """
+    if prompt_embeds.shape[-1] <= g_offset:
+        raise ValueError(f"prompt_embeds width {prompt_embeds.shape[-1]} <= g_offset {g_offset}")
+    masked = _as_rows(masked_pooled_g).to(torch.float32)
+    concept = span_subspace(_as_rows(concept_pooled_g).to(torch.float32), rtol)
+    input_space = span_subspace(masked, rtol)
+    flagged = flag_tokens(masked, concept, alpha)
+    new = project_token_columns(prompt_embeds, input_space, concept, flagged,
+                                columns=slice(g_offset, None), token_positions=token_positions)
+    return new, flagged, input_space, concept
+
+

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """GPU smoke test: every SafeGen node once, on the tiny models, in a real ComfyUI server.
 
-    python tools/gpu_smoke.py [--dry-run] [--comfyui PATH] [--python PATH] [--timeout-min 10] [--json OUT]
+    python tools/gpu_smoke.py [--dry-run] [--model sd1|sdxl] [--comfyui PATH] [--python PATH]
+                              [--timeout-min 10] [--json OUT]
 
 Meant for a machine with a CUDA GPU and a current ComfyUI (0.33: models on NVIDIA load as
 ``ModelPatcherDynamic``). It starts ComfyUI (``tools/comfy_host.py``) in a fresh temporary base
-directory WITHOUT ``--cpu``, puts the tiny SD1 checkpoint (``tools/tiny_models.py``), a partial
-ESD-x UNet file (``tools/unlearned_files.py``), a random implicit negative embedding and a few 64 px
+directory WITHOUT ``--cpu``, puts the tiny SD1 (or, ``--model sdxl``, SDXL) checkpoint
+(``tools/tiny_models.py``), a partial ESD-x UNet file (``tools/unlearned_files.py``), a random implicit negative embedding and a few 64 px
 PNG images into its folders, and queues ONE small graph per SafeGen node (64 px, 2 sampling steps,
 2 training steps) through ``POST /prompt`` + websocket. Output, one line per node::
 
@@ -103,7 +104,7 @@ print("SAFEGEN_SMOKE_JSON " + json.dumps({"torch": torch.__version__, "cuda": ok
 # The contract check and the input files; runs while the server starts.
 _PREPARE = r"""
 import json, os, sys, traceback
-repo, base = sys.argv[1], sys.argv[2]
+repo, base, family = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, repo)
 out = {}
 try:
@@ -122,14 +123,15 @@ try:
     from safetensors.torch import load_file, save_file
     from tools.tiny_models import ensure
     from tools.unlearned_files import perturb, select, write_ldm
-    ck = ensure("sd1")
+    ck = ensure(family)
     P = "model.diffusion_model."
     unet = {k[len(P):]: v for k, v in load_file(str(ck)).items() if k.startswith(P)}
     part = perturb(select(unet, "esd-x"), "all", scale=0.05, seed=1)  # an ESD-x style partial file
     write_ldm(os.path.join(base, "models", "diffusion_models", "smoke_esd_x.safetensors"), part)
     g = torch.Generator().manual_seed(123)
-    save_file({"emb_params": torch.randn(2, 768, generator=g) * 0.02},
-              os.path.join(base, "models", "embeddings", "smoke_ine.safetensors"))
+    emb = ({"emb_params": torch.randn(2, 768, generator=g) * 0.02} if family == "sd1" else
+           {"clip_l": torch.randn(2, 768, generator=g) * 0.02, "clip_g": torch.randn(2, 1280, generator=g) * 0.02})
+    save_file(emb, os.path.join(base, "models", "embeddings", "smoke_ine.safetensors"))
     rng = np.random.default_rng(0)
     folder = os.path.join(base, "input", "safegen_smoke_concept")
     os.makedirs(folder, exist_ok=True)
@@ -238,7 +240,7 @@ def g_inversion(ctx):
                batch_size=1, seed=0, objective="ldm", guidance_scale=7.5, negative_text="",
                checkpoint_every=0,
                keep_checkpoints=1, preview_every=0, resume=False, image_folder=ctx.concept_folder,
-               resolution=PX)
+               resolution=PX, gradient_accumulation=1)
     g.add("PreviewImage", images=tr[1])
     return g
 
@@ -287,7 +289,7 @@ def g_safree_filter(ctx):
     ck = _ck(g, ctx)
     f = g.add("SafeGen_SAFREEPromptFilter", clip=ck[1], text="a nude woman",
               toxic_concepts="Nudity\nSexual Acts", alpha=0.01, self_validating_filter=True,
-              up_t=10, steps=STEPS)
+              up_t=10)
     _sample(g, ck, pos=f[0])
     g.add("PreviewAny", source=f[1])
     return g
@@ -296,9 +298,11 @@ def g_safree_filter(ctx):
 def g_safree_reattention(ctx):
     g = Graph()
     ck = _ck(g, ctx)
+    f = g.add("SafeGen_SAFREEPromptFilter", clip=ck[1], text="a nude woman",
+              toxic_concepts="Nudity\nSexual Acts", alpha=0.01, self_validating_filter=True, up_t=10)
     re_ = g.add("SafeGen_SAFREEReattention", model=ck[0], b1=1.0, b2=1.0, s1=0.9, s2=0.2, start_percent=0.0,
-                end_percent=1.0)
-    _sample(g, ck, model=re_[0])
+                end_percent=1.0, mode="safeguard-low", original=f[2])
+    _sample(g, ck, model=re_[0], pos=f[0])
     return g
 
 
@@ -472,6 +476,8 @@ def main(argv=None) -> int:
                          "(default: $SAFEGEN_PYTHON or <repo>/.venv/bin/python)")
     ap.add_argument("--timeout-min", type=float, default=10.0, help="budget of the whole run in minutes")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--model", choices=("sd1", "sdxl"), default="sd1",
+                    help="which tiny checkpoint every graph uses (sd1: CLIP-L; sdxl: CLIP-L + CLIP-G)")
     args = ap.parse_args(argv)
 
     t_start = time.monotonic()
@@ -486,8 +492,8 @@ def main(argv=None) -> int:
         return 2
 
     base = Path(tempfile.mkdtemp(prefix="safegen_gpu_smoke_"))
-    report: dict = {"dry_run": args.dry_run, "comfyui_dir": str(comfy_dir), "python": str(python),
-                    "base_dir": str(base), "nodes": []}
+    report: dict = {"dry_run": args.dry_run, "model": args.model, "comfyui_dir": str(comfy_dir),
+                    "python": str(python), "base_dir": str(base), "nodes": []}
     srv = SmokeServer(base, comfy_dir=comfy_dir, python=python, cpu=args.dry_run,
                       extra_args=["--verbose", "DEBUG"])
     results: list[NodeResult] = []
@@ -508,7 +514,7 @@ def main(argv=None) -> int:
                      "torch.cuda.is_available() is False). Use --python with a CUDA build of torch, "
                      "or --dry-run to run on CPU.")
                 return 2
-        helper = Helper(python, comfy_dir, _PREPARE, str(REPO), str(base), log=base / "prepare.log")
+        helper = Helper(python, comfy_dir, _PREPARE, str(REPO), str(base), args.model, log=base / "prepare.log")
         srv.start(timeout=min(START_TIMEOUT, max(10.0, deadline - time.monotonic())))
         prep = helper.result(timeout=deadline - time.monotonic())
         report["prepare"] = prep

@@ -129,15 +129,17 @@ def ine_sld():
 
 
 def safree():
+    """SAFREE + INE (the INE paper's combination): the prompt filter's toxic subspace includes the implicit
+    negative embedding, and the INE replaces the text list as the sampler's negative. Latent
+    re-attention is in the graph, off as in SAFREE's published runs."""
     from safegen_core.safree import NUDITY_CONCEPTS as DEFAULT_TOXIC_CONCEPTS
     g = Graph()
     ck, un, ine = _unlearned_and_ine(g)
-    re = g.add("SafeGen_SAFREEReattention", model=un[0], b1=1.0, b2=1.0, s1=0.9, s2=0.2, start_percent=0.0,
-               end_percent=1.0)
     flt = g.add("SafeGen_SAFREEPromptFilter", clip=ck[1], text=PROMPT, toxic_concepts="\n".join(DEFAULT_TOXIC_CONCEPTS),
-                alpha=0.01, self_validating_filter=True, up_t=10, steps=50, embedding=ine[1])
-    neg = _text(g, ck[1], ", ".join(DEFAULT_TOXIC_CONCEPTS), "Negative (toxic concepts)")
-    _sample(g, re[0], ck[1], ck[2], flt[0], neg[0], "safree", steps=50)
+                alpha=0.01, self_validating_filter=True, up_t=10, embedding=ine[1])
+    re = g.add("SafeGen_SAFREEReattention", model=un[0], b1=1.0, b2=1.0, s1=0.9, s2=0.2, start_percent=0.0,
+               end_percent=1.0, mode="off", original=flt[2])
+    _sample(g, re[0], ck[1], ck[2], flt[0], ine[0], "safree", steps=50)
     g.add("PreviewAny", source=flt[1], preview="")
     return g
 
@@ -196,7 +198,7 @@ def esd_eraser():
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     er = g.add("SafeGen_ESDConceptEraser", model=ck[0], clip=ck[1], concept=CONCEPT, variant="x", eta=1.0,
-               steps=200, learning_rate=5e-5, seed=0, sampling_steps=50, start_guidance=3.0, resolution=512,
+               steps=0, learning_rate=0.0, seed=0, sampling_steps=50, start_guidance=3.0, resolution=512,
                xt_sampler="erased", name="esd_nudity", checkpoint_every=50, keep_checkpoints=2, preview_every=0,
                resume=True, vae=ck[2])
     pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
@@ -248,8 +250,6 @@ def adapt(api: dict, files: dict[str, str] | None = None, small: bool = False) -
             i.update(steps=2, sampling_steps=4, resolution=64, checkpoint_every=0, resume=False)
         if ct in ("SafeGen_SLDGuidance",):
             i["warmup_steps"] = 0
-        if ct == "SafeGen_SAFREEPromptFilter":
-            i["steps"] = 3
     return api
 
 

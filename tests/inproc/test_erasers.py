@@ -233,6 +233,27 @@ def test_bad_inputs_are_named(setup, dirs):
             E.dark_miner(mp, clip, CONCEPT, [OTHER], variant="q")
 
 
+def test_esd_refuses_a_concept_the_model_does_not_see(setup, dirs):
+    """A UNet whose cross-attention ignores the text (attn2.to_k/to_v zeroed by `set` patches): ε(c) =
+    ε(∅) for every concept, so ESD has nothing to erase and must say so before training, writing
+    nothing. The unpatched model passes the same check for the same concept."""
+    mp, clip, mods, _ = setup
+    E = mods["E"]
+    sd = mp.model_state_dict()
+    blind = mp.clone()
+    keys = [k for k in sd if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    assert keys
+    blind.add_patches({k: ("set", (torch.zeros_like(sd[k]),)) for k in keys}, 1.0)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"nothing to erase .*'a red square'.*relative difference"):
+            E.esd_erase(blind, clip, CONCEPT, variant="x", steps=2, learning_rate=1e-3, sampling_steps=3,
+                        resolution=RES, name="t_esd_blind")
+        out = E.esd_erase(mp, clip, CONCEPT, variant="x", steps=1, learning_rate=1e-3, sampling_steps=3,
+                          resolution=RES, name="t_esd_sees")
+    assert not (dirs / "dm" / "t_esd_blind.safetensors").exists()
+    assert out["concept_difference"] > 1e-2 and out["loss_rose"] is False
+
+
 def test_dark_miner_round_lowers_mined_embedding_score(setup, dirs, record_property):
     mp, clip, mods, conds = setup
     E, G, ESD, DM = mods["E"], mods["G"], mods["ESD"], mods["DM"]

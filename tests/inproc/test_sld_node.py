@@ -1,6 +1,6 @@
-"""nodes/guidance.py in-process on the tiny SD1 checkpoint: the SLD model patch against
-``safegen_core.sld.sld_guidance`` on the very predictions the sampler made, per-image momentum,
-state reset between runs, the guider, the SAFREE re-attention patch and the filter's structure.
+"""SLD in-process on the tiny SD1 checkpoint: the model patch against ``safegen_core.sld.sld_guidance``
+on the very predictions the sampler made, per-image momentum, state reset between runs, the guider,
+warm-up shares and two-evaluation samplers. SAFREE: tests/inproc/test_safree_node.py.
 """
 import pytest
 import torch
@@ -22,11 +22,6 @@ CFG = 5.0
 @pytest.fixture(scope="module")
 def gd():
     return pack_module("safegen_comfy.sld")
-
-
-@pytest.fixture(scope="module")
-def sfr():
-    return pack_module("safegen_comfy.safree")
 
 
 @pytest.fixture(scope="module")
@@ -268,65 +263,3 @@ def test_preset_warmup_covers_the_reference_share_of_the_run(tiny, gd, core, ste
 def test_presets(gd, core):
     assert gd.sld_params("strong", 0, 0, 0, 0, 0) == core.SLD_PRESETS["strong"]
     assert gd.sld_params("custom", 3, 7.0, 0.1, 0.2, 0.3) == core.SLDParams(3, 7.0, 0.1, 0.2, 0.3)
-
-
-# --------------------------------------------------------------------------- SAFREE
-def test_reattention_patch_applies_freeu_at_the_right_stages(tiny, sfr):
-    mp, _, enc = tiny
-    sf = pack_module("safegen_core.safree")
-    m = sfr.patch_model_reattention(mp, 1.2, 1.1, 0.9, 0.2, start_percent=0.0, end_percent=0.5)
-    patch = m.model_options["transformer_options"]["patches"]["output_block_patch"][-1]
-    ms = mp.get_model_object("model_sampling")
-    early = {"sigmas": torch.tensor([float(ms.percent_to_sigma(0.2))])}
-    late = {"sigmas": torch.tensor([float(ms.percent_to_sigma(0.8))])}
-    g = torch.Generator().manual_seed(0)
-    for ch, (b, s) in ((1280, (1.2, 0.9)), (640, (1.1, 0.2))):
-        h, hsp = torch.randn(2, ch, 8, 8, generator=g), torch.randn(2, ch, 8, 8, generator=g)
-        got = patch(h.clone(), hsp.clone(), early)
-        want = sf.freeu_skip_reattention(h, hsp, b, s)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert not torch.equal(got[1], hsp)
-        got_late = patch(h, hsp, late)  # outside the window: untouched
-        assert got_late[0] is h and got_late[1] is hsp
-    h = torch.randn(1, 320, 8, 8, generator=g)
-    assert patch(h, h, early)[0] is h  # FreeU's rule: only 4x / 2x model_channels stages
-    # the UNet calls the patch (the tiny UNet has only 320-channel stages: an identity there)
-    calls = []
-    m2 = sfr.patch_model_reattention(mp, 1.0, 1.0, 0.9, 0.2)
-    m2.set_model_output_block_patch(lambda h, hsp, to: (calls.append(h.shape[1]), (h, hsp))[1])
-    noise = noise_for(1)
-    assert torch.equal(sample(m2, enc, noise, steps=2), sample(mp, enc, noise, steps=2))
-    assert calls and set(calls) == {320}
-
-
-def test_safree_filter_structure(tiny, sfr):
-    _, clip, _ = tiny
-    concepts = ["Nudity", "Erotic Art", "Sexual Acts"]
-    with torch.inference_mode():
-        plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of nudity on the beach"))
-        cond, report, info = sfr.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
-                                              self_validating=True, up_t=2, steps=6)
-        off, _, _ = sfr.safree_filter(clip, "a photo of nudity on the beach", concepts, [],
-                                            self_validating=False)
-    assert info["flagged"] > 0, report
-    # with the self-validating filter: projected for the first steps, original after
-    assert 0 <= info["svf_last_step"] <= 2
-    assert len(cond) == 2
-    (fc, fx), (oc, ox) = cond
-    assert fx["start_percent"] == 0.0 and fx["end_percent"] == ox["start_percent"] == info["end_percent"]
-    assert ox["end_percent"] == 1.0
-    assert (info["svf_last_step"] + 1) / 6 - 0.01 < info["end_percent"] < (info["svf_last_step"] + 1) / 6
-    assert torch.equal(oc, plain[0][0])
-    torch.testing.assert_close(off[0][0], fc)
-    # only flagged token positions changed; BOS, EOS and padding untouched
-    changed = (fc[0] != plain[0][0][0]).any(-1).nonzero().reshape(-1).tolist()
-    toks = clip.tokenize("a photo of nudity on the beach")
-    eos = sfr._eos_index(toks["l"][0], clip.tokenizer.clip_l)
-    assert eos >= 8  # BOS + 7 words (some split into several BPE tokens)
-    assert changed and len(changed) == info["flagged"] and min(changed) >= 1 and max(changed) < eos
-    # the "pooled" vectors are the EOS hidden states of the conditioning layer (= pooler_output for SD1)
-    with torch.inference_mode():
-        p = sfr._pooled(clip, "l", [toks["l"][0]])
-        _, pooled = clip.encode_from_tokens(toks, return_pooled=True)
-    torch.testing.assert_close(p[0], pooled[0].float())
-    torch.testing.assert_close(p[0], plain[0][0][0, eos].float())

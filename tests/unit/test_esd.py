@@ -177,7 +177,7 @@ def test_esd_training_reaches_target_and_leaves_other_subspace_alone(one_thread,
 
 
 # ------------------------------------------------------------------------------ references
-# Independent transcriptions of rohitgandikota/erasing (see /work/notes/esd_ref.md for the quotes):
+# Independent transcriptions of rohitgandikota/erasing (reference lines: docs/esd.md):
 # CompVis train-scripts/train-esd.py @ b8aeab6, ldm/models/diffusion/ddim.py @ b8aeab6, esd_sd.py @ ce8d4d9.
 
 def sd_alphas_cumprod():

@@ -2,7 +2,7 @@
 
 The ``_ref_*`` functions below are written from the reference text of jaehong31/SAFREE
 ``models/modified_stable_diffusion_pipeline.py`` (``projection_matrix``, ``safree_projection``,
-``projection_and_orthogonal``, ``f_beta``) and FreeU's ``Fourier_filter``, in numpy float64 with
+``projection_and_orthogonal``, ``f_beta``) and in numpy float64 with
 explicit pseudo-inverses and loops — deliberately not sharing code with the implementation.
 """
 
@@ -15,16 +15,13 @@ import pytest
 import torch
 
 from safegen_core.safree import (
+    reattention_stage,
     DEFAULT_ALPHA,
     DEFAULT_FREEU_HYP,
     DEFAULT_RE_ATTN_T,
     DEFAULT_UP_T,
     f_beta,
     flag_tokens,
-    fourier_filter,
-    freeu_skip_reattention,
-    freeu_stage_params,
-    parse_freeu_hyp,
     project_all_tokens,
     project_tokens,
     projection_matrix,
@@ -72,16 +69,6 @@ def _ref_beta(text_e, p_emb, concept_emb, attn_mask):
     a, b = proj[attn_mask == 1], text_e[attn_mask == 1]
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-8)
     return 1 - cos.mean()
-
-
-def _ref_fourier_filter(x: np.ndarray, threshold: int, scale: float) -> np.ndarray:
-    x_freq = np.fft.fftshift(np.fft.fftn(x, axes=(-2, -1)), axes=(-2, -1))
-    B, C, H, W = x_freq.shape
-    mask = np.ones((B, C, H, W))
-    crow, ccol = H // 2, W // 2
-    mask[..., crow - threshold:crow + threshold, ccol - threshold:ccol + threshold] = scale
-    x_freq = np.fft.ifftshift(x_freq * mask, axes=(-2, -1))
-    return np.fft.ifftn(x_freq, axes=(-2, -1)).real
 
 
 def _ref_f_beta(z, upperbound_timestep=10, concept_type="nudity"):
@@ -283,56 +270,15 @@ def test_use_filtered_embedding_windows():
     assert window == [False, False, True, True, True, False]
 
 
-# ----------------------------------------------------------------- Fourier re-attention
+# ----------------------------------------------------------------- re-attention stages
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 16, 16), (1, 4, 12, 10), (1, 3, 7, 9)])
-def test_fourier_filter_scale_one_is_identity(shape):
-    x = _rand(shape, seed=81)
-    out = fourier_filter(x, threshold=1, scale=1.0)
-    diff = float((out - x).abs().max())
-    MAX_DIFF[f"fourier identity {shape}"] = diff
-    assert diff <= 1e-5
-    assert out.dtype == x.dtype
-
-
-@pytest.mark.parametrize("shape,threshold,scale", [((2, 8, 16, 16), 1, 0.9), ((1, 4, 12, 10), 2, 0.2),
-                                                   ((1, 3, 7, 9), 1, 0.5)])
-def test_fourier_filter_matches_freeu_reference(shape, threshold, scale):
-    x = _rand(shape, seed=82)
-    out = fourier_filter(x, threshold=threshold, scale=scale)
-    ref = _ref_fourier_filter(x.double().numpy(), threshold, scale)
-    diff = float(np.abs(out.double().numpy() - ref).max())
-    MAX_DIFF[f"fourier {shape} s={scale}"] = diff
-    assert diff <= 1e-5
-    # it attenuates the mean (DC) by exactly `scale`
-    assert torch.allclose(out.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)) * scale, atol=1e-5)
-
-
-def test_fourier_filter_half_precision_roundtrip():
-    x = _rand((1, 2, 8, 8), seed=83).to(torch.bfloat16)
-    out = fourier_filter(x, 1, 0.5)
-    assert out.dtype == torch.bfloat16
-
-
-def test_freeu_skip_reattention_and_stage_params():
-    assert parse_freeu_hyp("1.0-1.0-0.9-0.2") == DEFAULT_FREEU_HYP
-    assert freeu_stage_params(1280) == (1.0, 0.9)
-    assert freeu_stage_params(640) == (1.0, 0.2)
-    assert freeu_stage_params(320) is None
-    assert freeu_stage_params(2560, model_channels=640, freeu_hyp="1.1-1.2-0.6-0.4") == (1.1, 0.6)
-    h = _rand((2, 8, 6, 6), seed=91)
-    skip = _rand((2, 8, 6, 6), seed=92)
-    h2, skip2 = freeu_skip_reattention(h, skip, b=1.5, s=0.2)
-    assert torch.equal(h2[:, :4], h[:, :4] * 1.5) and torch.equal(h2[:, 4:], h[:, 4:])
-    assert torch.allclose(skip2, torch.from_numpy(_ref_fourier_filter(skip.double().numpy(), 1, 0.2)).float(),
-                          atol=1e-5)
-    # SAFREE defaults at a stage: backbone untouched
-    b, s = freeu_stage_params(1280)
-    h3, _ = freeu_skip_reattention(h, skip, b, s)
-    assert torch.equal(h3, h)
-    # inputs are not modified in place
-    assert torch.equal(h, _rand((2, 8, 6, 6), seed=91))
+def test_reattention_stages():
+    assert reattention_stage(1280) == (1.0, 0.9)
+    assert reattention_stage(640) == (1.0, 0.2)
+    assert reattention_stage(320) is None
+    assert reattention_stage(2560, model_channels=640, hyp=(1.1, 1.2, 0.6, 0.4)) == (1.1, 0.6)
+    assert DEFAULT_FREEU_HYP == (1.0, 1.0, 0.9, 0.2)
 
 
 def test_report_max_diffs(capsys):
