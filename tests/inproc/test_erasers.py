@@ -254,6 +254,29 @@ def test_esd_refuses_a_concept_the_model_does_not_see(setup, dirs):
     assert out["concept_difference"] > 1e-2 and out["loss_rose"] is False
 
 
+@pytest.mark.sdxl
+def test_esd_u_selection_on_sdxl_follows_each_reference():
+    """On the tiny SDXL UNet: xt_sampler erased = CompVis 'noxattn' (every parameter but attn2, out.*,
+    time_embed*; norms train), original = esd_sd.py 'esd-u' (Linear/Conv2d modules without attn2; no
+    norms, time_embed and out.2 train). ESD-x is the same set under both."""
+    ESD = pack_module("safegen_core.esd")
+    from tools.tiny_models import ensure as ensure_tiny
+    mp, *_ = comfy.sd.load_checkpoint_guess_config(str(ensure_tiny("sdxl")), output_vae=False, output_clip=False)
+    unet = mp.model.diffusion_model
+    names = [n for n, _ in unet.named_parameters()]
+    comp = set(ESD.select_parameters(unet, "u", "erased"))
+    diff = set(ESD.select_parameters(unet, "u", "original"))
+    assert comp == {n for n in names if not (n.startswith("out.") or "attn2" in n or "time_embed" in n)}
+    assert any(".norm" in n or "in_layers.0" in n for n in comp)  # norms train in CompVis ESD-u
+    mods = dict(unet.named_modules())
+    for n in diff:
+        mod = mods[n.rsplit(".", 1)[0]]
+        assert isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and "attn2" not in n
+    assert "time_embed.0.weight" in diff and "out.2.weight" in diff and "time_embed.0.weight" not in comp
+    assert set(ESD.select_parameters(unet, "x", "erased")) == set(ESD.select_parameters(unet, "x", "original"))
+    assert any("label_emb" in n for n in comp)  # SDXL's size/pooled embedding trains under CompVis' rule
+
+
 def test_dark_miner_round_lowers_mined_embedding_score(setup, dirs, record_property):
     mp, clip, mods, conds = setup
     E, G, ESD, DM = mods["E"], mods["G"], mods["ESD"], mods["DM"]

@@ -1,4 +1,5 @@
-"""tools/gpu_smoke.py --dry-run: every SafeGen node once through its own ComfyUI server (--cpu).
+"""tools/gpu_smoke.py --dry-run --model sdxl: every SafeGen node once through its own ComfyUI server
+(--cpu), on the tiny SDXL checkpoint (CLIP-L + CLIP-G; SD1 is what the rest of the server suite runs).
 
 Runs the script as a subprocess (it starts and stops its own server; the session's comfy_server
 is not used) and checks its output: exit 0, one ``PASS <node>  (<s> s)`` line per SafeGen node,
@@ -13,15 +14,18 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tools.comfy_host import REPO_ROOT
 from tools.gpu_smoke import NODE_IDS, TRAINING_NODES
 
 TRAINABLE_PATHS = {"fresh copy", "shared weights"}
 
 
+@pytest.mark.sdxl
 def test_dry_run_passes_every_node_and_reports_the_code_path(tmp_path):
     out_json = tmp_path / "smoke.json"
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "gpu_smoke.py"), "--dry-run",
+    p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "gpu_smoke.py"), "--dry-run", "--model", "sdxl",
                         "--json", str(out_json)],
                        cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=840)
     out = p.stdout
@@ -56,6 +60,7 @@ def test_dry_run_passes_every_node_and_reports_the_code_path(tmp_path):
 
     report = json.loads(out_json.read_text())
     assert report["dry_run"] is True and report["passed"] == 12 and report["failed"] == 0
+    assert report["model"] == "sdxl"
     assert sorted(r["node"] for r in report["nodes"]) == sorted(NODE_IDS)
     assert sorted(report["loaded_nodes"]) == sorted(NODE_IDS)
     assert report["contract"] == []
