@@ -86,6 +86,8 @@ INTERNALS: tuple[Internal, ...] = (
              "force_deepcopy / disable_dynamic when present (0.12+), plain clone before"),
     # --- LoRA / weight adapters (comfy/lora.py, comfy/weight_adapter/base.py)
     Internal("comfy.lora", "model_lora_keys_unet", ("model",), ("Unlearned UNet Loader",)),
+    Internal("comfy.lora", "calculate_weight", ("patches", "weight", "key", "intermediate_dtype"),
+             ("Unlearned UNet Loader",), "each LoRA layer applied once at load time"),
     Internal("comfy.lora", "load_lora", ("lora", "to_load"), ("Unlearned UNet Loader",)),
     Internal("comfy.lora_convert", "convert_lora", ("sd",), ("Unlearned UNet Loader",)),
     Internal("comfy.utils", "unet_to_diffusers", ("unet_config",), ("Unlearned UNet Loader",)),
@@ -372,8 +374,10 @@ def clip_model(clip):
 
 
 def clip_state_dict(clip) -> dict:
-    """The CLIP's stored text-encoder weights keyed relative to its model (``clip_l.transformer.…``)."""
-    return clip.patcher.model_state_dict()
+    """The CLIP's stored text-encoder weights keyed relative to its model (``clip_l.transformer.…``) —
+    the originals even while a patched clone sharing the modules is loaded (patches applied in place;
+    comfy/model_patcher.py ModelPatcher.get_key_patches reads the shared ``backup``; 0.3.75, 0.33.0)."""
+    return {k: v[0][0] for k, v in clip.patcher.get_key_patches().items()}
 
 
 def load_device(model):
@@ -444,6 +448,23 @@ def lora_in_out(patch) -> tuple[int, int] | None:
     if getattr(patch, "name", "") == "lora" and w and w[0] is not None and w[1] is not None:
         return (int(w[0].shape[0]), int(w[1].shape[1]))
     return None
+
+
+def apply_patch_once(patch, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` (a float32 copy) with one ModelPatcher patch applied at strength 1, as ComfyUI applies it
+    (comfy/lora.py calculate_weight: weight adapters and ("diff"/"set", …) tuples). ComfyUI logs and skips
+    an adapter whose shapes do not fit; the caller compares the result with the base."""
+    import comfy.lora
+    return comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight, key,
+                                       intermediate_dtype=torch.float32)
+
+
+def adapter_shapes(patch) -> str:
+    """Shapes of a patch's tensors, for messages."""
+    w = getattr(patch, "weights", None)
+    if w is None and isinstance(patch, tuple) and len(patch) == 2:
+        w = patch[1]
+    return ", ".join(str(tuple(t.shape)) for t in (w or ()) if isinstance(t, torch.Tensor)) or "?"
 
 
 # =========================================================================== LoRA / weight files

@@ -12,7 +12,7 @@ import torch
 import folder_paths
 
 from ..safegen_core import inversion as inversion_core
-from ..safegen_core.weights_io import (WeightFileError, read_weight_file, sanitize_name,
+from ..safegen_core.weights_io import (WeightFileError, read_weight_object, sanitize_name,
                                        save_safetensors_atomic, weights_fingerprint)
 from . import common, compat, text, training
 
@@ -234,25 +234,28 @@ def train_concept_inversion(model, clip, vae, *, name, images=None, image_folder
     plot = common.loss_plot_image(result.losses, f"inversion loss: {name}")
     info = (f"saved {path}\nsteps {steps} (resumed from {result.resumed_from}), final loss {final:.5f}, "
             f"vectors {meta['num_vectors']}, objective {meta['objective']}")
-    return {"name": name, "vectors": vectors, "metadata": meta}, plot, info
+    return {"name": name, "file": os.path.basename(path), "vectors": vectors, "metadata": meta}, plot, info
 
 
 def read_embedding_file(name: str) -> dict:
     path = folder_paths.get_full_path("embeddings", name)
     if path is None:
         raise ValueError(f"embedding '{name}' not found in models/embeddings or the pack's embeddings/ folder")
+    fname = os.path.basename(path)
     try:
-        wf = read_weight_file(path)
+        obj, meta, _ = read_weight_object(path)
     except WeightFileError as e:
         raise ValueError(str(e)) from e
-    return {"name": os.path.splitext(os.path.basename(name))[0],
-            "vectors": inversion_core.from_file_tensors(wf.tensors, os.path.basename(path)), "metadata": wf.metadata}
+    return {"name": os.path.splitext(fname)[0], "file": fname,
+            "vectors": inversion_core.from_file_object(obj, fname), "metadata": meta}
 
 
 def checked_vectors(clip, embedding: dict) -> dict[str, torch.Tensor]:
-    """The embedding's vectors for this CLIP's encoders; a width mismatch or NaN is an error."""
+    """The embedding's vectors for this CLIP's encoders; a width mismatch, NaN or vectors for an encoder
+    this CLIP lacks is an error naming the file."""
     widths = text.embedding_widths(clip)
-    inversion_core.check_embedding(embedding["vectors"], widths, embedding.get("name", "embedding"))
+    inversion_core.check_embedding(embedding["vectors"], widths,
+                                   embedding.get("file") or embedding.get("name", "embedding"))
     return {k: v for k, v in embedding["vectors"].items() if k in widths}
 
 

@@ -165,6 +165,8 @@ def deltas_from_file(clip, path: str) -> tuple[dict[str, torch.Tensor], str]:
     check_finite(wf.tensors, fname)
     sd = clip_state_dict(clip)
     if wf.metadata.get("safegen_kind") == DELTA_KIND:
+        if not any(bool(t.abs().max() > 0) for t in wf.tensors.values() if t.numel()):
+            raise ValueError(f"{fname}: every delta is zero: the file would change nothing")
         missing = [k for k in wf.tensors if k not in sd]
         if missing:
             raise ValueError(f"{fname}: {len(missing)} key(s) are not in this CLIP (made for another text "
@@ -177,6 +179,16 @@ def deltas_from_file(clip, path: str) -> tuple[dict[str, torch.Tensor], str]:
     # full weights: find which encoder of the CLIP they belong to (by the final layer norm width)
     prefixes = sorted({k[: k.index("transformer.text_model.")] + "transformer." for k in sd
                        if "transformer.text_model." in k})
+    not_text_model = [k for k in wf.tensors if safetext_core.to_hf_text_model_key(k) is None]
+    carried = [k for k in not_text_model if safetext_core.is_known_extra_key(k)]
+    foreign = [k for k in not_text_model if k not in carried]
+    if foreign:
+        raise ValueError(f"{fname}: {len(foreign)} key(s) are not text-encoder weights and would be ignored "
+                         f"(expected text_model.* / encoder.* / clip_l|clip_g.transformer.* names): "
+                         f"{list_keys(foreign)}")
+    if carried:
+        log.info("SafeGen Safe Text Encoder: %s: %d key(s) a text-encoder file carries but a CLIP's conditioning "
+                 "does not use, ignored: %s", fname, len(carried), list_keys(carried))
     mapped_by_prefix = {}
     for pre in prefixes:
         mapped, unknown = {}, []
@@ -203,6 +215,9 @@ def deltas_from_file(clip, path: str) -> tuple[dict[str, torch.Tensor], str]:
         d = t.float() - sd[ck].float()
         if bool(d.abs().max() > 0):
             deltas[ck] = d
+    if not deltas:
+        raise ValueError(f"{fname}: every tensor equals this CLIP's own ({len(mapped)} compared): the file "
+                         f"would change nothing")
     kind = f"full weights ({wf.fmt}, {best}text_model.*) as differences"
     return deltas, kind
 

@@ -99,7 +99,7 @@ def apply_unlearned(model, path: str, strength: float):
     # safetensors: read shapes from the header and check values one tensor at a time, so loading a
     # file never holds it whole in memory (patches read their tensor when ComfyUI applies them).
     wf = read_weight_file(path, lazy=is_st)
-    layout = unlearned_core.detect_layout(wf.tensors.keys())
+    layout = unlearned_core.detect_layout(wf.tensors.keys(), name)
     if layout == "lora" and is_st:
         wf = read_weight_file(path)  # adapters are small and ComfyUI's LoRA code needs the tensors
     if is_st and layout != "lora":
@@ -120,12 +120,16 @@ def apply_unlearned(model, path: str, strength: float):
         if unmatched:
             raise WeightFileError(f"{name}: {len(unmatched)} LoRA key(s) match no UNet layer of the model: "
                                   f"{list_keys(unmatched)}")
+        alphas = [f"{k} {tuple(lora[k].shape)}" for k in unet_keys if k.endswith(".alpha") and lora[k].numel() != 1]
+        if alphas:
+            raise WeightFileError(f"{name}: LoRA alpha must be one number per layer: {list_keys(alphas, 5)}")
         patches = compat.lora_patches({k: lora[k] for k in unet_keys}, key_map)
         bad = [f"{k} {compat.lora_in_out(v)} vs model {tuple(base_sd[k].shape[:2])}"
                for k, v in patches.items() if k in base_sd and compat.lora_in_out(v) is not None
                and compat.lora_in_out(v) != tuple(base_sd[k].shape[:2])]
         if bad:
             raise WeightFileError(f"{name}: LoRA does not fit the model's UNet: {list_keys(bad, 5)}")
+        check_lora_patches(name, patches, lora, unet_keys, key_map, base_sd)
         added = m.add_patches(patches, strength)
         keys = [k[len(UNET_PREFIX):] for k in added]
         info.update(kind="LoRA adapter", tensors=len(added), ignored_text_encoder=len(te))
@@ -138,14 +142,17 @@ def apply_unlearned(model, path: str, strength: float):
         skipped = 0
         patches = {}
         # the base's own weights, even while a patched clone (sharing the module) is loaded
-        originals = compat.base_weights(model, UNET_PREFIX) if plan.is_full else {}
+        originals = compat.base_weights(model, UNET_PREFIX)
         for e in plan.entries:
             src = _FileTensor(path, e.file_key, None if is_st else wf.tensors[e.file_key])
-            orig = originals[UNET_PREFIX + e.model_key] if plan.is_full else None
-            if orig is not None and torch.equal(unlearned_core.fit_to(src.get(), e.shape).to(orig.dtype), orig):
+            orig = originals[UNET_PREFIX + e.model_key]
+            if torch.equal(unlearned_core.fit_to(src.get(), e.shape).to(orig.dtype), orig):
                 skipped += 1  # identical to the base: no patch needed
                 continue
             patches[UNET_PREFIX + e.model_key] = UnlearnedWeight(src, e.shape)
+        if not patches:
+            raise WeightFileError(f"{name}: every tensor equals the model's own ({skipped} of {len(plan.entries)}): "
+                                  f"the file would change nothing")
         added = m.add_patches(patches, strength)
         keys = [k[len(UNET_PREFIX):] for k in added]
         info.update(kind=plan.variant, tensors=len(added), identical_skipped=skipped,
@@ -158,6 +165,50 @@ def apply_unlearned(model, path: str, strength: float):
     return m, info
 
 
+def check_lora_patches(name: str, patches: dict, lora: dict, unet_keys: list, key_map: dict, base_sd: dict) -> None:
+    """Refuse what ComfyUI would ignore or fail on later, silently, while sampling: file keys that no
+    patch consumes (only `down`, only `alpha`, rank-0 pairs, stray keys), and patches that do not
+    compute — each adapter is applied once to a float32 copy of its base weight here (ComfyUI's own
+    ``calculate_weight``); a wrong rank, shape or a result equal to the base (an all-zero adapter)
+    is an error naming the layer."""
+    consumed = set()
+    for k in unet_keys:
+        mod = _lora_module(k, key_map)
+        p = patches.get(key_map.get(mod)) if mod is not None else None
+        if p is None:
+            continue
+        if k in getattr(p, "loaded_keys", set()) or k.endswith((".alpha", ".dora_scale", ".diff", ".diff_b",
+                                                                ".set_weight", ".w_norm", ".b_norm")):
+            consumed.add(k)
+    unused = [k for k in unet_keys if k not in consumed]
+    if unused:
+        raise WeightFileError(f"{name}: {len(unused)} LoRA key(s) form no complete adapter (ComfyUI would ignore "
+                              f"them, e.g. a 'down' without its 'up' or a rank-0 pair): {list_keys(unused)}")
+    if not patches:
+        raise WeightFileError(f"{name}: no LoRA adapter in the file applies to the model's UNet")
+    failed = []
+    for mk, p in patches.items():
+        base = base_sd.get(mk)
+        if base is None:
+            failed.append(f"{mk}: not in the model")
+            continue
+        w = base.detach().to(torch.float32).clone()
+        try:
+            out = compat.apply_patch_once(p, w, mk)
+        except Exception as e:  # noqa: BLE001 - reported with the layer's name
+            failed.append(f"{mk}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        if tuple(out.shape) != tuple(base.shape):
+            failed.append(f"{mk}: gives shape {tuple(out.shape)}, the layer has {tuple(base.shape)}")
+        elif not bool(torch.isfinite(out).all()):
+            failed.append(f"{mk}: gives NaN/inf")
+        elif torch.equal(out, base.detach().to(torch.float32)):
+            failed.append(f"{mk}: changes nothing (zero adapter, or shapes ComfyUI cannot apply: "
+                          f"{compat.adapter_shapes(p)})")
+    if failed:
+        raise WeightFileError(f"{name}: {len(failed)} LoRA layer(s) would not apply: {list_keys(failed, 4)}")
+
+
 def load_without_base(path: str, strength: float):
     """A full UNet file alone, like core's UNETLoader (strength must be 1)."""
     name = os.path.basename(path)
@@ -166,7 +217,7 @@ def load_without_base(path: str, strength: float):
                               f"connect one or set strength to 1")
     wf = read_weight_file(path)
     check_finite(wf.tensors, name)
-    layout = unlearned_core.detect_layout(wf.tensors.keys())
+    layout = unlearned_core.detect_layout(wf.tensors.keys(), name)
     if layout == "lora":
         raise WeightFileError(f"{name}: is a LoRA-style adapter; connect the base MODEL it was trained on")
     m = compat.load_unet_state_dict(wf.tensors, wf.metadata)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sld as sld_core
+from .weights_io import is_finite
 
 OBJECTIVES = ("ldm", "np", "sld")
 
@@ -366,28 +367,76 @@ def to_file_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def from_file_tensors(tensors: dict[str, torch.Tensor], name: str = "<embedding>") -> dict[str, torch.Tensor]:
-    """Map an embedding file's tensors to encoder keys ('l', 'g'), accepting the common layouts:
-    ``emb_params`` / ``string_to_param`` (A1111), ``clip_l``/``clip_g``, diffusers ``{token: T}``."""
-    out = {}
-    for k, v in tensors.items():
-        kk = k.split(".")[-1] if k.startswith("string_to_param") else k
-        if kk in ("clip_l", "l"):
-            out["l"] = v
-        elif kk in ("clip_g", "g"):
-            out["g"] = v
-    if not out:
-        vals = [v for v in tensors.values() if isinstance(v, torch.Tensor)]
+_ENC_KEYS = {"clip_l": "l", "l": "l", "clip_g": "g", "g": "g"}
+_WIDTH_ENC = {768: "l", 1280: "g"}
+
+
+def _as_vectors(t, name: str, key: str) -> torch.Tensor:
+    """A stored embedding tensor as [n, width]: [width] is one vector; n ≥ 1; floating point."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: '{key}' is a {type(t).__name__}, expected a tensor [n, width]")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: '{key}' has dtype {str(t.dtype).replace('torch.', '')}; embedding vectors "
+                         f"must be floating point")
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2:
+        raise ValueError(f"{name}: '{key}' has shape {tuple(t.shape)}; expected [n, width] (or [width])")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name}: '{key}' has shape {tuple(t.shape)}: no vectors")
+    return t
+
+
+def from_file_object(obj, name: str = "<embedding>", widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Map an embedding file's content to encoder keys ('l', 'g'), accepting what ComfyUI's own
+    ``load_embed`` (comfy/sd1_clip.py) loads: A1111 ``{"string_to_param": {"*": T}, "name", "step", …}``,
+    A1111 safetensors ``{"emb_params": T}``, ComfyUI/kohya SDXL ``{"clip_l": T, "clip_g": T}``,
+    diffusers ``{token: T}``, a bare tensor, and the old list-of-dicts format. Anything it cannot attribute,
+    or tensors it would ignore, is an error naming ``name`` (the file, with extension) and the keys."""
+    if isinstance(obj, torch.Tensor):
+        t = _as_vectors(obj, name, "<tensor>")
+        return {_WIDTH_ENC.get(t.shape[-1], "?"): t}
+    if isinstance(obj, (list, tuple)):  # old format: [{key: tensor}, …], concatenated per width
+        parts: dict[str, list] = {}
+        for i, d in enumerate(obj):
+            if not isinstance(d, dict):
+                raise ValueError(f"{name}: list entry {i} is a {type(d).__name__}, expected a dict of tensors")
+            for k, v in d.items():
+                t = _as_vectors(v, name, f"[{i}].{k}")
+                parts.setdefault(_WIDTH_ENC.get(t.shape[-1], "?"), []).append(t.reshape(-1, t.shape[-1]))
+        if not parts:
+            raise ValueError(f"{name}: holds no tensors")
+        return {k: torch.cat(v) for k, v in parts.items()}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name}: holds a {type(obj).__name__}, expected an embedding (dict of tensors)")
+    if "string_to_param" in obj:  # A1111 textual inversion .pt
+        sp = obj["string_to_param"]
+        vals = list(sp.values()) if isinstance(sp, dict) else []
         if len(vals) != 1:
-            raise ValueError(f"{name}: cannot tell which tensor is the embedding (keys: {list(tensors)[:6]})")
-        v = vals[0]
-        out["l" if v.shape[-1] == 768 else ("g" if v.shape[-1] == 1280 else "?")] = v
-    for k, v in list(out.items()):
-        if v.ndim == 1:
-            out[k] = v.unsqueeze(0)
-        elif v.ndim != 2:
-            raise ValueError(f"{name}: embedding tensor must be [n, width], got {tuple(v.shape)}")
-    return out
+            raise ValueError(f"{name}: 'string_to_param' must hold one tensor, found {len(vals)}")
+        t = _as_vectors(vals[0], name, "string_to_param")
+        return {_WIDTH_ENC.get(t.shape[-1], "?"): t}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{name}: holds no tensors (keys: {', '.join(map(str, list(obj)[:8]))})")
+    enc = {k: v for k, v in tensors.items() if k in _ENC_KEYS}
+    if enc:
+        junk = sorted(set(tensors) - set(enc))
+        if junk:
+            raise ValueError(f"{name}: tensors beside {', '.join(sorted(enc))} that no text encoder would use: "
+                             f"{', '.join(junk[:8])}")
+        return {_ENC_KEYS[k]: _as_vectors(v, name, k) for k, v in enc.items()}
+    if len(tensors) != 1:
+        raise ValueError(f"{name}: cannot tell which tensor is the embedding (keys: {', '.join(list(tensors)[:8])}); "
+                         f"expected one tensor, or clip_l/clip_g")
+    (k, v), = tensors.items()
+    t = _as_vectors(v, name, k)
+    return {_WIDTH_ENC.get(t.shape[-1], "?"): t}
+
+
+def from_file_tensors(tensors: dict[str, torch.Tensor], name: str = "<embedding>") -> dict[str, torch.Tensor]:
+    """:func:`from_file_object` of a dict of tensors."""
+    return from_file_object(tensors, name)
 
 
 def check_embedding(vectors: dict[str, torch.Tensor], widths: dict[str, int], name: str) -> None:
@@ -398,8 +447,18 @@ def check_embedding(vectors: dict[str, torch.Tensor], widths: dict[str, int], na
             raise ValueError(f"{name}: no vectors for text encoder clip_{enc} (width {w}); file has {have}. "
                              f"Was it made for another model family (SD1.x vs SDXL)?")
         v = vectors[enc]
+        if v.ndim != 2 or v.shape[0] == 0:
+            raise ValueError(f"{name}: clip_{enc} vectors have shape {tuple(v.shape)}; expected [n ≥ 1, {w}]")
         if v.shape[-1] != w:
             raise ValueError(f"{name}: clip_{enc} vectors have width {v.shape[-1]}, the CLIP expects {w} "
                              f"(SD1.x/CLIP-L 768, SDXL CLIP-G 1280)")
-        if not bool(torch.isfinite(v).all()):
+        if not v.is_floating_point():
+            raise ValueError(f"{name}: clip_{enc} vectors have dtype {v.dtype}; expected floating point")
+        if not is_finite(v):
             raise ValueError(f"{name}: clip_{enc} vectors contain NaN or inf")
+    extra = sorted(set(vectors) - set(widths))
+    if extra:
+        have = {k: tuple(v.shape) for k, v in vectors.items()}
+        what = ", ".join("clip_" + e if e != "?" else "an unknown encoder" for e in extra)
+        raise ValueError(f"{name}: vectors for {what} that this CLIP has no encoder for ({have}); made for "
+                         f"another model family?")

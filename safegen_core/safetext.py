@@ -212,6 +212,16 @@ _STRIP_PREFIXES = ("cond_stage_model.transformer.", "cond_stage_model.", "text_e
                    "module.", "model.")
 
 
+# Keys a text-encoder checkpoint legitimately carries that a CLIP's conditioning does not use
+# (HF CLIPModel/CLIPTextModelWithProjection heads, buffers): logged, never an error.
+KNOWN_EXTRA_KEYS = ("text_projection", "logit_scale", "position_ids", "visual_projection")
+
+
+def is_known_extra_key(key: str) -> bool:
+    last = key.split(".")[-1] if not key.endswith(".weight") else key.split(".")[-2]
+    return last in KNOWN_EXTRA_KEYS or key.split(".")[-1] in KNOWN_EXTRA_KEYS
+
+
 def to_hf_text_model_key(key: str) -> str | None:
     """Normalise a text-encoder key from a foreign file to ``text_model.<…>`` (HF CLIPTextModel
     naming, which ComfyUI's CLIP mirrors). Handles transformers ≤4 (``text_model.*``),

@@ -68,11 +68,11 @@ class PatchPlan:
         return variant_of(self.model_keys, self.is_full)
 
 
-def detect_layout(keys) -> str:
-    """'lora', 'ldm' or 'diffusers' (or raise naming some keys)."""
+def detect_layout(keys, name: str = "<file>") -> str:
+    """'lora', 'ldm' or 'diffusers' (or raise naming the file and some keys)."""
     keys = list(keys)
     if not keys:
-        raise WeightFileError("file holds no tensors")
+        raise WeightFileError(f"{name}: holds no tensors")
     if any(m in k for k in keys for m in LORA_MARKERS) or any(k.startswith("lora_unet_") for k in keys):
         return "lora"
     ldm = diff = 0
@@ -86,8 +86,8 @@ def detect_layout(keys) -> str:
             diff += 1
     if ldm == 0 and diff == 0:
         raise WeightFileError(
-            f"no UNet keys recognised (neither LDM 'input_blocks.*' nor diffusers 'down_blocks.*' "
-            f"nor LoRA); first keys: {list_keys(sorted(keys))}")
+            f"{name}: no UNet keys recognised (expected LDM 'input_blocks.*', diffusers 'down_blocks.*' "
+            f"or LoRA keys); first keys: {list_keys(sorted(keys))}")
     return "ldm" if ldm >= diff else "diffusers"
 
 
@@ -111,7 +111,7 @@ def plan_patches(file_shapes: dict[str, tuple], base_shapes: dict[str, tuple],
     Tensors whose shapes differ only by singleton dimensions (linear vs 1×1 conv projections)
     are accepted and reshaped when applied.
     """
-    layout = detect_layout(file_shapes.keys())
+    layout = detect_layout(file_shapes.keys(), name)
     if layout == "lora":
         raise WeightFileError(f"{name}: is a LoRA-style adapter, not a UNet weight file; it is applied through "
                               f"ComfyUI's LoRA code, not planned here")

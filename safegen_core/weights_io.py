@@ -47,12 +47,16 @@ def list_keys(keys, limit: int = 8) -> str:
     return head + (f" … (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_weight_file(path: str, lazy: bool = False) -> WeightFile:
-    """Read a state dict from ``path`` safely.
+def exception_text(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (just the type when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
 
-    ``lazy=True`` for safetensors returns a dict of shapes (``torch.Size``) instead of tensors,
-    read from the header only.
-    """
+
+def read_weight_object(path: str, lazy: bool = False) -> tuple[object, dict, str]:
+    """(object, metadata, format) of a weight file, read safely: safetensors → a dict of tensors (of
+    shapes with ``lazy``); ``.pt/.pth/.ckpt/.bin`` → whatever ``torch.load(weights_only=True)`` gives
+    (a pickle that needs code to load is refused, its code never runs). Errors name the file."""
     name = _short(path)
     if not os.path.isfile(path):
         raise WeightFileError(f"{name}: file not found ({path})")
@@ -69,19 +73,33 @@ def read_weight_file(path: str, lazy: bool = False) -> WeightFile:
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types
             raise WeightFileError(
-                f"{name}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-        return WeightFile(path, tensors, meta, "safetensors")
+                f"{name}: not a readable safetensors file (truncated or corrupt?): {exception_text(e)}") from e
+        return tensors, meta, "safetensors"
     if low.endswith(PICKLE_EXT):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightFileError(
                 f"{name}: refused to load. Pickle files are only read with torch.load(weights_only=True) "
-                f"and this one needs more than plain tensors ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                f"and this one is not a plain tensor file ({exception_text(e)}). "
                 f"Convert it to .safetensors in a trusted environment.") from e
-        tensors = unwrap_state_dict(obj, name)
-        return WeightFile(path, tensors, {}, "pickle")
-    raise WeightFileError(f"{name}: unsupported extension; expected {SAFETENSORS_EXT + PICKLE_EXT}")
+        return obj, {}, "pickle"
+    raise WeightFileError(f"{name}: unsupported extension; expected one of {', '.join(SAFETENSORS_EXT + PICKLE_EXT)}")
+
+
+def read_weight_file(path: str, lazy: bool = False) -> WeightFile:
+    """Read a state dict from ``path`` safely (see :func:`read_weight_object`); a torch.save'd object
+    is unwrapped to its tensor dict (:func:`unwrap_state_dict`).
+
+    ``lazy=True`` for safetensors returns a dict of shapes (``torch.Size``) instead of tensors,
+    read from the header only.
+    """
+    obj, meta, fmt = read_weight_object(path, lazy)
+    if fmt == "pickle":
+        obj = unwrap_state_dict(obj, _short(path))
+    elif not obj:
+        raise WeightFileError(f"{_short(path)}: holds no tensors")
+    return WeightFile(path, obj, meta, fmt)
 
 
 def unwrap_state_dict(obj, name: str = "<state dict>") -> dict[str, torch.Tensor]:
@@ -102,10 +120,36 @@ def unwrap_state_dict(obj, name: str = "<state dict>") -> dict[str, torch.Tensor
     return tensors
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """All values finite; for every floating dtype (float8 types lack ``isfinite``: checked in float32,
+    in chunks)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        return bool(torch.isfinite(t).all())
+    except (NotImplementedError, RuntimeError):
+        flat = t.reshape(-1)
+        step = 1 << 22
+        return all(bool(torch.isfinite(flat[i:i + step].float()).all()) for i in range(0, flat.numel(), step))
+
+
+def check_weight_tensors(tensors: dict, name: str, what: str = "weights") -> None:
+    """Weights must be floating point: an integer/bool/complex tensor is refused naming key and dtype.
+    ``tensors`` may map to tensors or (lazy) to dtypes."""
+    bad = []
+    for k, t in tensors.items():
+        dt = t.dtype if isinstance(t, torch.Tensor) else t
+        if isinstance(dt, torch.dtype) and not dt.is_floating_point:
+            bad.append(f"{k} ({str(dt).replace('torch.', '')})")
+    if bad:
+        raise WeightFileError(f"{name}: {len(bad)} tensor(s) are not floating point, {what} must be: "
+                              f"{list_keys(bad)}")
+
+
 def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
-    """Raise naming the keys that hold NaN or inf values."""
-    bad = [k for k, t in tensors.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Raise naming the keys that are not floating point or hold NaN or inf values."""
+    check_weight_tensors(tensors, name)
+    bad = [k for k, t in tensors.items() if not is_finite(t)]
     if bad:
         raise WeightFileError(f"{name}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
 
@@ -114,13 +158,21 @@ def check_finite_file(path: str) -> None:
     """:func:`check_finite` for a safetensors file, one tensor in memory at a time."""
     from safetensors import safe_open
 
-    bad = []
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(k)
-            del t
+    bad, dtypes = [], {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                dtypes[k] = t.dtype
+                if not is_finite(t):
+                    bad.append(k)
+                del t
+    except WeightFileError:
+        raise
+    except Exception as e:
+        raise WeightFileError(f"{_short(path)}: a tensor could not be read (truncated or corrupt?): "
+                              f"{exception_text(e)}") from e
+    check_weight_tensors(dtypes, _short(path))
     if bad:
         raise WeightFileError(f"{_short(path)}: {len(bad)} tensor(s) hold NaN or inf values: {list_keys(bad)}")
 
