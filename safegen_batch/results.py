@@ -1,5 +1,8 @@
 """The results file: JSON Lines, one line per finished task, append-only.
 
+``status``: ``ok`` (images on disk), ``error`` (the server refused or failed the row) or
+``skipped`` (not run: a missing value or the pre-flight check; ``skip`` holds the reason).
+
 Every line is written with one ``write`` of the whole line, then ``flush`` + ``fsync``, only
 after the task's images are on disk; so a crash (of the runner, the server or the machine)
 loses no finished row and never leaves a row without its images. A torn last line (the runner
@@ -55,7 +58,8 @@ def ok_keys(rows: Iterable[Mapping[str, Any]]) -> set[str]:
 
 
 def failed_keys(rows: Iterable[Mapping[str, Any]]) -> set[str]:
-    return {r["key"] for r in rows if r.get("status") != "ok" and r.get("key")}
+    """Keys recorded as errors (``status: skipped`` rows are not failures: checked again)."""
+    return {r["key"] for r in rows if r.get("status") == "error" and r.get("key")}
 
 
 def latest_by_key(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict]:

@@ -17,6 +17,15 @@ up. When every worker has given up, the run ends with exit code 3 and the unfini
 simply not in the JSONL: rerunning the same command skips every row already there with status
 ok and runs the rest. A task lost with ``max_attempts`` servers in a row is recorded as an
 error (a prompt that crashes its server is not retried forever).
+
+Only connection failures count as "server unavailable". Any other exception in a worker (a
+bug, a broken install) ends that worker as *crashed*: its tasks go back to the queue (another
+worker may take them), and the exception (type, message, traceback tail) is printed at once
+and again in the summary; the run's exit code is then 4.
+
+Tasks with ``skip`` set (a missing value, or the pre-flight check with ``--out-of-range skip``)
+are never queued: each is written once as a ``status: skipped`` row with the reason, so the
+report can say which prompts were not run and why.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import uuid
 from dataclasses import dataclass, field
@@ -35,14 +45,14 @@ from typing import Any, Callable, TextIO
 
 from safegen_batch.client import ComfyClient, ComfyHostError, PromptError
 from safegen_batch.prompts import PromptRow, row_key, task_key
-from safegen_batch.results import RESULTS_NAME, ResultsWriter, read_jsonl, failed_keys, ok_keys, \
-    write_file_atomic
+from safegen_batch.results import RESULTS_NAME, ResultsWriter, failed_keys, latest_by_key, ok_keys, \
+    read_jsonl, write_file_atomic
 from safegen_batch.workflow import PromptMapper, WorkflowError
 
 SAFETY_UI_KEY = "safegen_safety"
 # the server went away (connection refused / reset, half a response): requeue, reconnect
 TRANSPORT_ERRORS = (urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException)
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_UNFINISHED = 0, 1, 3
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_UNFINISHED, EXIT_CRASHED = 0, 1, 3, 4
 
 
 @dataclass
@@ -53,6 +63,11 @@ class Task:
     sample: int
     seed: int | None
     attempts: int = 0           # times its server was lost while it was in flight
+    pair_key: str | None = None     # row_key of the adversarial row; shared by its paired twin
+    seed_source: str | None = None  # "column 'X'", "--seed", "--seeds", "workflow"
+    skip: dict | None = None        # {"reason", "message", ...}: recorded as skipped, not run
+    overrides: dict | None = None   # {"node.input": value} after the mapping (pre-flight clamp)
+    adjusted: list | None = None    # what the clamp changed: [{"input", "from", "to", "reason"}]
 
 
 @dataclass
@@ -75,34 +90,65 @@ class RunSummary:
     skipped: int = 0            # already ok in the JSONL
     ok: int = 0                 # finished ok in this run
     failed: int = 0             # recorded as error in this run
-    unfinished: int = 0         # not run (servers unavailable / interrupted)
+    excluded: int = 0           # recorded as skipped (missing value / pre-flight), not run
+    unfinished: int = 0         # not run (servers unavailable / interrupted / workers crashed)
     seconds: float = 0.0
     per_server: dict[str, int] = field(default_factory=dict)
     results: str = ""
+    excluded_reasons: dict[str, int] = field(default_factory=dict)   # reason -> tasks
+    crashed: dict[str, str] = field(default_factory=dict)    # server -> "Type: message" of its worker
+    gave_up: dict[str, str] = field(default_factory=dict)    # server -> why it was given up
 
     @property
     def exit_code(self) -> int:
+        if self.crashed:
+            return EXIT_CRASHED
         if self.unfinished:
             return EXIT_UNFINISHED
         return EXIT_ROW_ERRORS if self.failed else EXIT_OK
 
 
 def build_tasks(rows: list[PromptRow], mapper: PromptMapper, method: str, repeat: int = 1,
-                seeds: list[int] | None = None) -> list[Task]:
-    """One task per (row, sample). ``seeds``: one sample per seed (overrides the row's seed);
-    ``repeat`` N: seeds row_seed + k (or the workflow's seed + k), k = 0..N-1."""
+                seeds: list[int] | None = None, default_seed: int | None = None) -> list[Task]:
+    """One task per (row, sample), and per (row, sample) a second one for the row's paired
+    (clean) prompt when the file has a paired column: same seed and settings, role "paired".
+
+    Seeds: ``seeds``: one sample per seed (overrides the row's seed); else the row's seed, or
+    ``default_seed`` for a row without one (or, when that is None, the workflow's own seed);
+    ``repeat`` N: that seed + k, k = 0..N-1. A row whose prompt (or paired prompt) cell is empty
+    becomes a task with ``skip`` set (reason ``missing_value``)."""
     tasks = []
     base_default = mapper.default_seed()
     for r in rows:
         if seeds:
-            samples = list(enumerate(seeds))
-        elif repeat > 1:
-            base = r.seed if r.seed is not None else base_default
-            samples = [(k, None if base is None else base + k) for k in range(repeat)]
+            samples, src = list(enumerate(seeds)), "--seeds"
         else:
-            samples = [(0, r.seed)]
+            if r.seed is not None:
+                base, src = r.seed, f"column {r.seed_column!r}" if r.seed_column else "row"
+            elif default_seed is not None:
+                base, src = default_seed, "--seed"
+            else:
+                base, src = None, "workflow"
+            if repeat > 1:
+                base = base if base is not None else base_default
+                samples = [(k, None if base is None else base + k) for k in range(repeat)]
+            else:
+                samples = [(0, base)]
+        twin = r.paired_row() if r.paired_column is not None else None
         for k, s in samples:
-            tasks.append(Task(task_key(r, k, s, method, mapper.hash), row_key(r, k, s), r, k, s))
+            pk = row_key(r, k, s) if twin is not None else None
+            t = Task(task_key(r, k, s, method, mapper.hash), row_key(r, k, s), r, k, s,
+                     pair_key=pk, seed_source=src)
+            if not r.prompt:
+                t.skip = {"reason": "missing_value", "message": f"empty {r.prompt_column!r} cell"}
+            tasks.append(t)
+            if twin is not None:
+                pt = Task(task_key(twin, k, s, method, mapper.hash), row_key(twin, k, s), twin, k, s,
+                          pair_key=pk, seed_source=src)
+                if not twin.prompt:
+                    pt.skip = {"reason": "missing_value",
+                               "message": f"empty {twin.prompt_column!r} cell (the paired prompt)"}
+                tasks.append(pt)
     return tasks
 
 
@@ -299,6 +345,8 @@ class ServerWorker(threading.Thread):
         self.inflight: dict[str, _InFlight] = {}
         self.lost_at: float | None = None
         self.gave_up = False
+        self.last_error: str | None = None   # the last connection failure
+        self.crash: str | None = None        # "Type: message" when the worker crashed
 
     # -- connection
     def _connect(self) -> bool:
@@ -306,7 +354,10 @@ class ServerWorker(threading.Thread):
         try:
             ws = self.client.connect_ws(self.client_id, timeout=5)
             ws.settimeout(0.2)
-        except Exception as e:  # noqa: BLE001 - any failure to connect counts
+        except Exception as e:  # noqa: BLE001
+            if not _is_transport_error(e):
+                raise  # not the server being away (e.g. a missing module): the worker crashes
+            self.last_error = _reason(e)
             now = time.monotonic()
             if self.lost_at is None:
                 self.lost_at = now
@@ -354,7 +405,10 @@ class ServerWorker(threading.Thread):
         try:
             self._loop()
         except Exception as e:  # noqa: BLE001 - a bug must not hang the batch
-            self.r.progress.message(f"worker for {self.url} crashed: {type(e).__name__}: {e}")
+            self.crash = f"{type(e).__name__}: {e}"
+            tb = traceback.format_exc().strip().splitlines()
+            self.r.progress.message(f"worker for {self.url} crashed: {self.crash}\n  traceback (tail):\n  "
+                                    + "\n  ".join(tb[-8:]))
             for f in self.inflight.values():
                 self.r.queue.put_back(f.task)
             self.inflight.clear()
@@ -380,7 +434,13 @@ class ServerWorker(threading.Thread):
                 task = self.r.queue.take()
                 if task is None:
                     break
-                if not self._submit(task):
+                try:
+                    submitted = self._submit(task)
+                except BaseException:
+                    if not any(f.task is task for f in self.inflight.values()):
+                        self.r.queue.put_back(task)   # a crash must not lose the task in hand
+                    raise
+                if not submitted:
                     break
             if self.ws is None:
                 continue
@@ -406,7 +466,8 @@ class ServerWorker(threading.Thread):
     def _submit(self, task: Task) -> bool:
         """Queue one task; False when the server is gone (task put back)."""
         try:
-            graph, applied = self.r.mapper.graph_for(task_values(task, self.r.mapper.fields()))
+            graph, applied = self.r.mapper.graph_for(task_values(task, self.r.mapper.fields()),
+                                                     task.overrides)
         except WorkflowError as e:
             self.r.record_error(task, self.url, None, {"kind": "mapping_error", "node_id": None,
                                                        "node_type": None, "message": str(e)})
@@ -481,6 +542,14 @@ class ServerWorker(threading.Thread):
             self.r.record_ok(f.task, self.url, pid, f, files, refs, safety_results(outputs))
 
 
+def _is_transport_error(e: BaseException) -> bool:
+    """A failure of the connection (server away / refused / reset / handshake), as opposed to a
+    bug or a broken install."""
+    if isinstance(e, TRANSPORT_ERRORS):
+        return True
+    return any(c.__module__.split(".")[0] == "websocket" for c in type(e).__mro__)
+
+
 def _reason(e: Exception | str) -> str:
     if isinstance(e, str):
         return e
@@ -512,7 +581,16 @@ class BatchRun:
                 "seed": task.seed, "guidance": r.guidance, "categories": list(r.categories),
                 "sample": task.sample, "workflow": self.cfg.workflow_name,
                 "workflow_hash": self.mapper.hash, "server": server, "prompt_id": pid,
-                "inputs": inputs or {}, "attempt": task.attempts + 1, "fields": r.fields}
+                "inputs": inputs or {}, "attempt": task.attempts + 1, "fields": r.fields,
+                "role": r.role, "pair_key": task.pair_key, "prompt_column": r.prompt_column,
+                "paired_column": r.paired_column, "seed_source": task.seed_source,
+                "adjusted": task.adjusted}
+
+    def skip_row(self, task: Task) -> dict:
+        row = self._base_row(task, None, None, None)
+        row.update({"status": "skipped", "images": [], "safety": None, "error": None,
+                    "skip": task.skip, "seconds": None, "finished_at": _now()})
+        return row
 
     def record_ok(self, task: Task, server: str, pid: str, f: _InFlight, files: list[str],
                   refs: list[dict], safety: list[dict] | None) -> None:
@@ -561,13 +639,21 @@ class BatchRun:
                 self.log(f"{self.results_path}: skipped {bad} unreadable line(s) (a torn write)")
             done = ok_keys(existing)
             skip = done | (set() if self.cfg.retry_failed else failed_keys(existing))
-            todo, seen = [], set()
+            latest = latest_by_key(existing)
+            todo, excluded, seen = [], [], set()
             for t in self.all_tasks:
                 if t.key in skip or t.key in seen:
                     continue
                 seen.add(t.key)
-                todo.append(t)
-            self.summary.skipped = len(self.all_tasks) - len(todo)
+                (excluded if t.skip else todo).append(t)
+            self.summary.skipped = len(self.all_tasks) - len(todo) - len(excluded)
+            self.summary.excluded = len(excluded)
+            for t in excluded:
+                reason = str(t.skip.get("reason", "?"))
+                self.summary.excluded_reasons[reason] = self.summary.excluded_reasons.get(reason, 0) + 1
+                prev = latest.get(t.key)
+                if not (prev and prev.get("status") == "skipped" and prev.get("skip") == t.skip):
+                    self.writer.append(self.skip_row(t))   # once per key and reason, not per rerun
             self.queue = TaskQueue(todo)
             self.progress = Progress(len(todo), enabled=self.cfg.progress)
             if self.summary.skipped:
@@ -591,6 +677,13 @@ class BatchRun:
                 # Tasks still queued or abandoned in flight (all servers gone / interrupted)
                 left = self.queue.remaining() + [f.task for w in workers for f in w.inflight.values()]
                 self.summary.unfinished = len({t.key for t in left})
+                for w in workers:
+                    if w.crash:
+                        self.summary.crashed[w.url] = w.crash
+                    elif w.gave_up:
+                        self.summary.gave_up[w.url] = (
+                            f"no connection for {self.cfg.reconnect_timeout:g} s"
+                            + (f" (last: {w.last_error})" if w.last_error else ""))
         finally:
             self.writer.close()
         self.summary.seconds = time.monotonic() - t0

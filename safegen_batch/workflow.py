@@ -285,10 +285,9 @@ class PromptMapper:
         return out
 
     # -- building
-    def graph_for(self, values: Mapping[str, Any]) -> tuple[dict, dict[str, Any]]:
-        """A copy of the workflow with ``values`` (field -> value; None = keep the workflow's)
-        written into the bound inputs; also returns {"node.input": value} of what was set."""
-        g = copy.deepcopy(self.workflow)
+    def values_for(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """{"node.input": value} that ``graph_for(values)`` writes (converted to each input's
+        type; ``None`` values keep the workflow's and are left out)."""
         applied: dict[str, Any] = {}
         for b in self.bindings:
             if b.field not in values:
@@ -297,11 +296,34 @@ class PromptMapper:
             v = values[b.field]
             if v is None:
                 continue
-            inputs = g[b.node].setdefault("inputs", {})
-            v = convert(v, inputs.get(b.input, v), f"node {b.node} input {b.input!r}")
-            inputs[b.input] = v
-            applied[f"{b.node}.{b.input}"] = v
+            inputs = self.workflow[b.node].get("inputs") or {}
+            applied[f"{b.node}.{b.input}"] = convert(v, inputs.get(b.input, v),
+                                                     f"node {b.node} input {b.input!r}")
+        return applied
+
+    def graph_for(self, values: Mapping[str, Any],
+                  overrides: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, Any]]:
+        """A copy of the workflow with ``values`` (field -> value; None = keep the workflow's)
+        written into the bound inputs, then ``overrides`` ({"node.input": value}, e.g. a value
+        clamped by the pre-flight check); also returns {"node.input": value} of what was set."""
+        g = copy.deepcopy(self.workflow)
+        applied = self.values_for(values)
+        applied.update(overrides or {})
+        for key, v in applied.items():
+            node, _, inp = key.partition(".")
+            g[node].setdefault("inputs", {})[inp] = v
         return g, applied
+
+    def literal_inputs(self) -> dict[str, Any]:
+        """{"node.input": value} of every literal (not linked) input of the workflow (with the
+        --const values) that no binding overwrites: the same in every row."""
+        bound = {f"{b.node}.{b.input}" for b in self.bindings}
+        out = {}
+        for nid in sorted(self.workflow, key=_nk):
+            for k, v in (self.workflow[nid].get("inputs") or {}).items():
+                if not is_link(v) and f"{nid}.{k}" not in bound:
+                    out[f"{nid}.{k}"] = v
+        return out
 
 
 def _nk(k: str):

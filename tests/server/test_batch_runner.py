@@ -23,6 +23,8 @@ from tools.comfy_host import REPO_ROOT, ComfyServer, ServerStartError
 
 N_ROWS = 8
 BAD_ROW = 4          # evaluation_guidance 500 > KSampler's max cfg 100: rejected by validation
+# (the pre-flight check would refuse the batch before queueing: the kill test runs --no-preflight to
+# record the server's own validation error; tests/server/test_batch_sets.py covers the pre-flight)
 
 
 def tiny_workflow(ckpt: str) -> dict:
@@ -57,9 +59,9 @@ def own_server(tmp_path):
     srv.stop()
 
 
-def run_cmd(wf: Path, prompts: Path, urls: list[str], out: Path) -> list[str]:
+def run_cmd(wf: Path, prompts: Path, urls: list[str], out: Path, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "safegen_batch", "run", "--workflow", str(wf), "--prompts", str(prompts),
-           "--out", str(out), "--method", "tiny", "--reconnect-timeout", "2"]
+           "--out", str(out), "--method", "tiny", "--reconnect-timeout", "2", *extra]
     for u in urls:
         cmd += ["--server", u]
     return cmd
@@ -97,7 +99,7 @@ def test_kill_server_mid_batch_restart_rerun_every_row_once(own_server, tmp_path
     rows = write_prompts(prompts, N_ROWS + 1, BAD_ROW)
     out = tmp_path / "out"
     results = out / "results.jsonl"
-    cmd = run_cmd(wf, prompts, [srv.url], out)
+    cmd = run_cmd(wf, prompts, [srv.url], out, "--no-preflight")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
 
     # --- run 1: kill the server (by PID) as soon as one row is in the JSONL
