@@ -162,7 +162,8 @@ def deltas_from_file(clip, path: str) -> tuple[dict[str, torch.Tensor], str]:
         wf = read_weight_file(path)
     except WeightFileError as e:
         raise ValueError(str(e)) from e
-    check_finite(wf.tensors, fname)
+    # buffers a text-encoder file legitimately carries (int64 position_ids, …) are not weights
+    check_finite({k: t for k, t in wf.tensors.items() if not safetext_core.is_known_extra_key(k)}, fname)
     sd = clip_state_dict(clip)
     if wf.metadata.get("safegen_kind") == DELTA_KIND:
         if not any(bool(t.abs().max() > 0) for t in wf.tensors.values() if t.numel()):
