@@ -434,11 +434,6 @@ def from_file_object(obj, name: str = "<embedding>", widths: dict[str, int] | No
     return {_WIDTH_ENC.get(t.shape[-1], "?"): t}
 
 
-def from_file_tensors(tensors: dict[str, torch.Tensor], name: str = "<embedding>") -> dict[str, torch.Tensor]:
-    """:func:`from_file_object` of a dict of tensors."""
-    return from_file_object(tensors, name)
-
-
 def check_embedding(vectors: dict[str, torch.Tensor], widths: dict[str, int], name: str) -> None:
     """Raise a clear error on a width mismatch, a missing encoder or NaN/inf values."""
     for enc, w in widths.items():

@@ -24,8 +24,8 @@ write this module; its files were read from verbatim vendored copies in other re
   227-228 — the patched forward only *constructs* ``NotImplementedError`` and changes nothing, so
   the published numbers were made without re-attention.  :func:`safeguard_reattention` is what the
   "low" filter does (off unless asked for); FreeU's all-rows ``Fourier_filter`` is not SAFREE's and
-  is not here.  SDXL: :func:`safree_projection_sdxl`.  Notes with verbatim snippets:
-  docs/safree.md.
+  is not here.  SDXL (CLIP-G columns only, subspaces from projected pooled outputs) is the
+  runtime's choice of encoder and pooled vectors around :func:`project_tokens`: docs/safree.md.
 
 Conventions: embeddings are row vectors; a set of ``n`` vectors of width ``D`` is an ``(n, D)``
 tensor.  Concept vectors may be pooled CLIP outputs of concept phrases or arbitrary vectors of
@@ -63,9 +63,6 @@ __all__ = [
     "reattention_stage",
     "safeguard_low_fourier_filter",
     "safeguard_reattention",
-    "SDXL_CLIP_L_WIDTH",
-    "project_token_columns",
-    "safree_projection_sdxl",
 ]
 
 DEFAULT_ALPHA = 0.01  # --sf_alpha
@@ -509,78 +506,3 @@ def safeguard_low_fourier_filter(
     _check_pair(filtered, original)
     spec = _sg_low_spectrum(_sg_spectrum(filtered), _sg_spectrum(original), threshold, scale)
     return _sg_inverse(spec, filtered.dtype)
-
-
-# --------------------------------------------------------------------------- SDXL prompt projection
-
-SDXL_CLIP_L_WIDTH = 768  # [xl] 1461: text_embeddings = _cat_text_embeddings[..., 768:]  (CLIP-G part)
-
-
-def project_token_columns(
-    token_embeddings: torch.Tensor,
-    input_space: Subspace,
-    concept: Subspace,
-    flagged: torch.Tensor,
-    columns: slice = slice(SDXL_CLIP_L_WIDTH, None),
-    token_positions: Optional[Union[Sequence[int], torch.Tensor]] = None,
-    compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """:func:`project_tokens` restricted to a slice of the feature axis ([xl] 1461, 1482-1487,
-    1599-1603).
-
-    ``token_embeddings``: ``(..., L, D_total)``, e.g. the SDXL conditional ``prompt_embeds``
-    ``(1, 77, 2048)`` = ``cat([CLIP-L penultimate (768), CLIP-G penultimate (1280)], -1)``.
-    The slice (default ``[..., 768:]``, CLIP-G) is cast to ``compute_dtype`` (the reference's
-    ``.float()``), flagged positions replaced by ``(I - P_C) P_I e``, and written back in the
-    input dtype.  Columns outside the slice and unflagged positions are bit-identical.
-    """
-    seg = token_embeddings[..., columns]
-    width = seg.shape[-1]
-    if width != input_space.dim or width != concept.dim:
-        raise ValueError(
-            f"column slice of width {width} but subspaces of width {input_space.dim}/{concept.dim}")
-    new_seg = project_tokens(seg.to(compute_dtype), input_space, concept, flagged, token_positions)
-    out = token_embeddings.clone()
-    out[..., columns] = new_seg.to(token_embeddings.dtype)
-    return out
-
-
-def safree_projection_sdxl(
-    prompt_embeds: torch.Tensor,
-    masked_pooled_g: torch.Tensor,
-    concept_pooled_g: VectorsLike,
-    alpha: float = DEFAULT_ALPHA,
-    g_offset: int = SDXL_CLIP_L_WIDTH,
-    token_positions: Optional[Union[Sequence[int], torch.Tensor]] = None,
-    rtol: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Subspace, Subspace]:
-    """SAFREE's SDXL token projection ([xl] 1460-1487 with ``safree_projection`` 103-145).
-
-    * ``prompt_embeds``: conditional ``(..., 77, 2048)`` (the reference projects the conditional
-      row only; the CFG-negative row and the pooled ``add_text_embeds`` are untouched).
-    * ``masked_pooled_g``: ``(n_t, 1280)`` CLIP-G *projected pooled* outputs (``text_embeds``)
-      of the masked prompts (:func:`masked_token_ids` on ``tokenizer_2`` ids) — they span P_I
-      and give the token distances.
-    * ``concept_pooled_g``: ``(K, 1280)`` CLIP-G projected pooled outputs of the concept
-      phrases, each tokenized separately with ``padding="max_length"`` (77, truncation), no
-      attention mask ([xl] 1464-1479 via ``_new_encode_prompt``; the pooled output of its last
-      encoder, ``text_encoder_2``) — they span C.
-    * Both sets are cast to float32 ([xl] 1479-1483 ``.float()``); flags by the leave-one-out
-      test (:func:`flag_tokens`); flagged positions ``1..n_t`` of columns ``[g_offset:]`` are
-      replaced by ``(I - P_C) P_I e`` (:func:`project_token_columns`); columns ``[:g_offset]``
-      (CLIP-L) are never touched.  Note the reference mixes spaces: P_C and P_I come from the
-      1280-d *projected* pooled space while ``e`` are CLIP-G *penultimate hidden states*.
-
-    Returns ``(new_prompt_embeds, flagged, input_space, concept)``.
-    """
-    if prompt_embeds.shape[-1] <= g_offset:
-        raise ValueError(f"prompt_embeds width {prompt_embeds.shape[-1]} <= g_offset {g_offset}")
-    masked = _as_rows(masked_pooled_g).to(torch.float32)
-    concept = span_subspace(_as_rows(concept_pooled_g).to(torch.float32), rtol)
-    input_space = span_subspace(masked, rtol)
-    flagged = flag_tokens(masked, concept, alpha)
-    new = project_token_columns(prompt_embeds, input_space, concept, flagged,
-                                columns=slice(g_offset, None), token_positions=token_positions)
-    return new, flagged, input_space, concept
-
-

@@ -5,7 +5,8 @@ Reference files (unchanged since the initial commit f98c1b5): ``free_lunch_utils
 forwards 160-187 / 317-345), ``models/modified_stable_diffusion_xl_pipeline.py`` (``safree_projection``
 103-145, ``_masked_encode_prompt`` 335-353, ``__call__`` 1460-1487 and 1599-1603).
 
-The ``_np_*`` functions are independent re-implementations written from that text in numpy float64
+The SDXL projection's reference (``_np_safree_projection_sdxl``) is checked against the runtime on
+ComfyUI's own encoders in tests/inproc/test_safree_node.py.  The ``_np_*`` functions are independent re-implementations written from that text in numpy float64
 with explicit loops and pseudo-inverses; they share no code with ``safegen_core.safree``.  Where the
 pack differs from the reference on purpose: docs/safree.md.
 """
@@ -17,13 +18,9 @@ import pytest
 import torch
 
 from safegen_core.safree import (
-    SDXL_CLIP_L_WIDTH,
-    project_token_columns,
     reattention_stage,
     safeguard_low_fourier_filter,
     safeguard_reattention,
-    safree_projection_sdxl,
-    span_subspace,
 )
 
 RTOL = 1e-5
@@ -205,68 +202,3 @@ def test_low_filter_dtypes():
     assert out64.dtype == torch.float64
     # float64 is computed in float32, as the reference's x.type(torch.float32)
     assert torch.equal(out64, safeguard_low_fourier_filter(x[1], x[2], scale=0.9).double())
-
-
-# ----------------------------------------------------------------- SDXL projection
-
-
-def _sdxl_inputs(seed, n_t=9, k=17, d_g=1280, d_l=768, n_flag=2, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    concept = torch.randn(k, d_g, generator=g, dtype=torch.float64)
-    # masked-prompt pooled vectors close to the concept span, except n_flag of them far away
-    coef = torch.randn(n_t, k, generator=g, dtype=torch.float64)
-    masked = coef @ concept / k ** 0.5 + 0.3 * torch.randn(n_t, d_g, generator=g, dtype=torch.float64)
-    for i in range(n_flag):
-        masked[2 + 3 * i] += 4.0 * torch.randn(d_g, generator=g, dtype=torch.float64)
-    cat = torch.randn(2, 77, d_l + d_g, generator=g, dtype=torch.float64)  # [uncond, cond]
-    return cat.to(dtype), masked.to(torch.float32), concept.to(torch.float32)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sdxl_projection_matches_numpy_reference(seed):
-    cat, masked, concept = _sdxl_inputs(seed)
-    ref, ref_flags, margin = _np_safree_projection_sdxl(cat.numpy(), masked.numpy(), concept.numpy(),
-                                                        alpha=0.01)
-    assert margin > 1e-3 and 0 < ref_flags.sum() < len(ref_flags)
-    new_cond, flagged, input_space, csp = safree_projection_sdxl(cat[1:2], masked, concept, alpha=0.01)
-    assert flagged.tolist() == ref_flags.tolist()
-    _close(new_cond[0], ref[1])
-    _close(new_cond[0, :, 768:], ref[1, :, 768:])
-    assert input_space.dim == csp.dim == 1280 and csp.rank == 17 and input_space.rank == masked.shape[0]
-
-
-def test_sdxl_projection_leaves_clip_l_columns_and_safe_tokens_bit_identical():
-    cat, masked, concept = _sdxl_inputs(3, dtype=torch.float16)
-    cond = cat[1:2]
-    new, flagged, _, _ = safree_projection_sdxl(cond, masked, concept, alpha=0.01)
-    assert new.dtype == torch.float16 and new.shape == cond.shape
-    assert torch.equal(new[..., :SDXL_CLIP_L_WIDTH], cond[..., :SDXL_CLIP_L_WIDTH])
-    pos = torch.arange(1, masked.shape[0] + 1)
-    changed = pos[flagged]
-    unchanged = [i for i in range(77) if i not in set(changed.tolist())]
-    assert torch.equal(new[0, unchanged], cond[0, unchanged])  # BOS, safe tokens, EOS/padding
-    assert len(changed) > 0
-    for p in changed.tolist():
-        assert not torch.equal(new[0, p, 768:], cond[0, p, 768:])
-    # fp16 path = float32 computation of the fp16 values, cast back (the reference's .float() then fp16 write)
-    ref, _, _ = _np_safree_projection_sdxl(cat.float().numpy(), masked.numpy(), concept.numpy(), alpha=0.01)
-    _close(new[0].float(), torch.from_numpy(ref[1]).half().float(), rtol=2e-3)
-
-
-def test_project_token_columns_other_slices():
-    g = torch.Generator().manual_seed(8)
-    emb = torch.randn(2, 77, 96, generator=g)
-    masked, concept = torch.randn(6, 64, generator=g), torch.randn(4, 64, generator=g)
-    isp, csp = span_subspace(masked), span_subspace(concept)
-    flags = torch.tensor([True, False, False, True, False, False])
-    out = project_token_columns(emb, isp, csp, flags, columns=slice(0, 64))
-    assert torch.equal(out[..., 64:], emb[..., 64:])
-    P_i = _np_projection_matrix(masked.double().numpy().T)
-    P_c = _np_projection_matrix(concept.double().numpy().T)
-    for b in range(2):
-        for t in range(77):
-            e = emb[b, t, :64].double().numpy()
-            want = (np.eye(64) - P_c) @ P_i @ e if t in (1, 4) else e
-            _close(out[b, t, :64], want)
-    with pytest.raises(ValueError):
-        project_token_columns(emb, isp, csp, flags, columns=slice(0, 32))
