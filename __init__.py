@@ -12,4 +12,4 @@ except ImportError:
 if _IN_COMFY:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web/js"  # the embed_in_workflow helper of Load Implicit Negative Embedding

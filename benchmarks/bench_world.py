@@ -82,7 +82,7 @@ TRAIN = {
     "esd": dict(variant="x", eta=1.0, steps=100, learning_rate=7e-6, seed=0, sampling_steps=20,
                 start_guidance=3.0, resolution=SIZE, xt_sampler="erased"),
     "ine": dict(num_vectors=1, init_text="red", template="{}", steps=200, learning_rate=5e-3, batch_size=4,
-                seed=0, objective="ldm", images=32),
+                seed=0, objective="ldm", images=32, weight_decay=0.0, gradient_accumulation=1),
     "safetext": dict(lambda_=1.0, steps=100, learning_rate=1e-4, layers=None, batch_size=8, seed=0),
     "darkminer": dict(variant="x", rounds=2, mining_steps=60, mining_lr=1e-2, circumvent_steps=75,
                       learning_rate=2e-5, eta=1.0, anchor_weight=1.0, sampling_steps=20, start_guidance=3.0,
@@ -120,16 +120,18 @@ def training_graph(what: str, ck: str, concept: str, files: dict) -> dict:
     c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
     s = TRAIN.get(what)
     if what == "esd":
-        g.add("SafeGen_ESDConceptEraser", model=c[0], clip=c[1], concept=concept, name=FILES["esd"][1],
-              checkpoint_every=0, keep_checkpoints=1, preview_every=0, resume=False, **s)
+        er = g.add("SafeGen_ESDConceptEraser", model=c[0], clip=c[1], concept=concept, name=FILES["esd"][1],
+                   checkpoint_every=0, keep_checkpoints=1, preview_every=0, resume=False, **s)
+        g.add("PreviewImage", images=er[1])  # the loss plot, kept beside the cached file
     elif what in ("ine", "ine_base"):
         s = TRAIN["ine"]
         model = c[0] if what == "ine_base" else g.add(
             "SafeGen_UnlearnedUNetLoader", model=c[0], unet_name=files["esd"], strength=1.0)[0]
         kw = {k: v for k, v in s.items() if k != "images"}
-        g.add("SafeGen_ConceptInversionTrainer", model=model, clip=c[1], vae=c[2], name=FILES[what][1],
-              guidance_scale=7.5, negative_text="", checkpoint_every=0, keep_checkpoints=1, preview_every=0,
-              resume=False, image_folder="world_concept", resolution=SIZE, **kw)
+        tr = g.add("SafeGen_ConceptInversionTrainer", model=model, clip=c[1], vae=c[2], name=FILES[what][1],
+                   guidance_scale=7.5, negative_text="", checkpoint_every=0, keep_checkpoints=1, preview_every=0,
+                   resume=False, image_folder="world_concept", resolution=SIZE, **kw)
+        g.add("PreviewImage", images=tr[1])
     elif what == "safetext":
         from safegen_core import safetext as ST
         unsafe, safe = train_prompts()
@@ -236,6 +238,9 @@ def train_all(srv, ck: str, ckpt: Path, concept: str, needed: list[str],
             if not dst.exists():
                 raise RuntimeError(f"training {what} finished but {dst} was not written")
             infos[what] = "\n".join(t for o in res.outputs.values() for t in (o.get("text") or []))
+            refs = res.image_refs()
+            if refs:  # the training node's loss plot (PreviewImage), for reports
+                srv.client.view_image(refs[0]).save(cached.with_suffix(".loss.png"))
             tmp = cached.with_suffix(".tmp")  # write, then rename: no half file in the cache
             shutil.copyfile(dst, tmp)
             tmp.replace(cached)

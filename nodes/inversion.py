@@ -125,20 +125,34 @@ class LoadImplicitNegativeEmbedding(io.ComfyNode):
             display_name="Load Implicit Negative Embedding",
             category="SafeGen/inversion",
             description=(
-                "Encodes an implicit negative embedding (a file or an EMBEDDING from the trainer) with a CLIP "
-                "into CONDITIONING for a sampler's negative or a safety-guidance node. Unlike the stock "
-                "embedding: syntax, a width mismatch or NaN is an error, not silently ignored."),
+                "Encodes an implicit negative embedding (a file, an EMBEDDING from the trainer, or vectors stored "
+                "in the workflow itself) with a CLIP into CONDITIONING for a sampler's negative or a "
+                "safety-guidance node. Unlike the stock embedding: syntax, a width mismatch or NaN is an error, "
+                "not silently ignored. embed_in_workflow stores the vectors (with the base-model hash and the "
+                "source file name) in this node, so a shared workflow runs without the file."),
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIP of the model that will sample (SD1.x or SDXL)."),
-                io.Combo.Input("embedding_name", options=[inversion.FROM_INPUT] + inversion.embedding_files(),
-                               tooltip="File in models/embeddings or the pack's embeddings/ folder; "
-                                       "'(from input)' uses the EMBEDDING input."),
+                io.Combo.Input("embedding_name",
+                               options=[inversion.FROM_INPUT, inversion.EMBEDDED] + inversion.embedding_files(),
+                               tooltip="File in models/embeddings or the pack's embeddings/ folder; '(from input)' "
+                                       "uses the EMBEDDING input; '(embedded in workflow)' the vectors stored in "
+                                       "'embedded'."),
                 io.String.Input("text", default="{}", multiline=True,
                                 tooltip="Prompt around the embedding: {} marks where it goes (prepended if "
                                         "absent); add extra negative words here."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
                                tooltip="Token weight of the embedding, as in (embedding:NAME:strength)."),
                 sockets.Embedding.Input("embedding", optional=True, tooltip="EMBEDDING from Concept Inversion Trainer."),
+                io.Boolean.Input("embed_in_workflow", default=False, optional=True,
+                                 tooltip="On: after a run, the vectors are written into 'embedded' and the choice "
+                                         "switches to '(embedded in workflow)' (needs the pack's web extension, "
+                                         "loaded with the pack), so the saved workflow carries them."),
+                io.String.Input("embedded", default="", multiline=True, optional=True,
+                                tooltip="Vectors stored in the workflow (safegen-ine:v1:… — written by "
+                                        "embed_in_workflow; a few KB)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the MODEL that will sample; a warning names both hashes when the "
+                                       "embedding was learned on another base model."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING", tooltip="Use as negative / safety concept."),
@@ -147,9 +161,14 @@ class LoadImplicitNegativeEmbedding(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, embedding_name, text, strength, embedding=None):
-        cond, emb = inversion.ine_conditioning(clip, embedding_name, text, strength, embedding)
-        return io.NodeOutput(cond, emb)
+    def execute(cls, clip, embedding_name, text, strength, embedding=None, embed_in_workflow=False, embedded="",
+                model=None):
+        cond, emb, info, packed = inversion.ine_conditioning(clip, embedding_name, text, strength, embedding,
+                                                             embedded, embed_in_workflow, model)
+        out = {"text": info}
+        if packed is not None:
+            out[inversion.UI_EMBEDDED] = [packed]
+        return io.NodeOutput(cond, emb, ui=out)
 
 
 NODES = [ConceptInversionTrainer, LoadImplicitNegativeEmbedding]

@@ -23,6 +23,8 @@ PACK_EMBEDDINGS = os.path.join(common.PACK_ROOT, "embeddings")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EMBEDDING_EXT = (".safetensors", ".pt", ".bin")
 FROM_INPUT = "(from input)"
+EMBEDDED = "(embedded in workflow)"
+UI_EMBEDDED = "safegen_embedded"  # executed-message key the web extension writes into the node's widget
 
 
 def register_folders() -> None:
@@ -259,11 +261,46 @@ def checked_vectors(clip, embedding: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in embedding["vectors"].items() if k in widths}
 
 
-def ine_conditioning(clip, embedding_name: str, prompt: str, strength: float, embedding: dict | None = None):
-    """Load Implicit Negative Embedding: (CONDITIONING, EMBEDDING)."""
-    if embedding_name != FROM_INPUT:
+def embedding_from_text(packed: str) -> dict:
+    vectors, meta = inversion_core.unpack_embedding(packed, "embedded INE")
+    src = meta.get("source_file") or meta.get("name") or "embedded"
+    return {"name": os.path.splitext(src)[0], "file": f"embedded INE ({src})", "vectors": vectors, "metadata": meta}
+
+
+def check_base_model(embedding: dict, model) -> str | None:
+    """A warning naming both hashes when the embedding was learned on another base model than ``model``."""
+    want = (embedding.get("metadata") or {}).get("base_model_hash")
+    if not want or model is None:
+        return None
+    have = weights_fingerprint(compat.unet(model).state_dict())
+    if have == want:
+        return None
+    msg = (f"{embedding.get('file') or embedding.get('name')}: learned on a base model with hash {want}, but the "
+           f"connected MODEL has hash {have}; the embedding may not steer this model")
+    log.warning("SafeGen: %s", msg)
+    return msg
+
+
+def ine_conditioning(clip, embedding_name: str, prompt: str, strength: float, embedding: dict | None = None,
+                     embedded: str = "", embed_in_workflow: bool = False, model=None):
+    """Load Implicit Negative Embedding: (CONDITIONING, EMBEDDING, info lines, packed string or None)."""
+    if embedding_name == EMBEDDED:
+        embedding = embedding_from_text(embedded)
+    elif embedding_name != FROM_INPUT:
         embedding = read_embedding_file(embedding_name)
     elif embedding is None:
         raise ValueError("Load Implicit Negative Embedding: choose a file or connect an EMBEDDING")
     vec = checked_vectors(clip, embedding)
-    return text.encode(clip, text.prompt_with_embedding(prompt, strength), vec), embedding
+    shapes = ", ".join(f"clip_{k} {tuple(v.shape)}" for k, v in vec.items())
+    info = [f"{embedding.get('file') or embedding.get('name')}: {shapes}"]
+    warn = check_base_model(embedding, model)
+    if warn:
+        info.append("WARNING: " + warn)
+    packed = None
+    if embed_in_workflow:
+        meta = dict(embedding.get("metadata") or {})
+        meta.setdefault("source_file", embedding.get("file") or embedding.get("name", ""))
+        packed = inversion_core.pack_embedding(embedding["vectors"], meta)
+        info.append(f"vectors embedded in the workflow ({len(packed)} characters); save the workflow to share it "
+                    f"without the file")
+    return text.encode(clip, text.prompt_with_embedding(prompt, strength), vec), embedding, info, packed

@@ -434,6 +434,43 @@ def from_file_object(obj, name: str = "<embedding>", widths: dict[str, int] | No
     return {_WIDTH_ENC.get(t.shape[-1], "?"): t}
 
 
+PACK_PREFIX = "safegen-ine:v1:"
+
+
+def pack_embedding(vectors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
+    """The vectors (and string metadata: base-model hash, source file, …) as one printable string that a
+    workflow can carry: ``safegen-ine:v1:`` + base64 of a safetensors file. A few KB per vector set."""
+    import base64
+
+    from safetensors.torch import save
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
+    blob = save(to_file_tensors(vectors), metadata=meta)
+    return PACK_PREFIX + base64.b64encode(blob).decode("ascii")
+
+
+def unpack_embedding(text: str, name: str = "embedded INE") -> tuple[dict[str, torch.Tensor], dict]:
+    """(vectors, metadata) of :func:`pack_embedding`'s string; anything else is an error naming ``name``."""
+    import base64
+    import binascii
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    s = (text or "").strip()
+    if not s.startswith(PACK_PREFIX):
+        raise ValueError(f"{name}: not an embedded INE (expected text starting with '{PACK_PREFIX}'; use the "
+                         f"node's embed_in_workflow switch to make one)")
+    try:
+        blob = base64.b64decode(s[len(PACK_PREFIX):], validate=True)
+        tensors = load(blob)
+    except (binascii.Error, ValueError, SafetensorError) as e:
+        raise ValueError(f"{name}: the embedded vectors are damaged ({type(e).__name__}: {e})") from e
+    import json
+    import struct
+    n = struct.unpack("<Q", blob[:8])[0]
+    meta = json.loads(blob[8:8 + n]).get("__metadata__", {}) or {}
+    return from_file_object(tensors, name), meta
+
+
 def check_embedding(vectors: dict[str, torch.Tensor], widths: dict[str, int], name: str) -> None:
     """Raise a clear error on a width mismatch, a missing encoder or NaN/inf values."""
     for enc, w in widths.items():

@@ -1,17 +1,15 @@
-"""`make demo`: the full safe pipeline on a real ComfyUI server it starts, through the HTTP API.
+"""`make demo`: SafeGen's defences on a real ComfyUI server it starts, through the HTTP API.
 
-    unlearned UNet -> concept inversion on it (the base model draws the concept images)
-      -> implicit negative embedding (INE) as SLD's safety concept -> NudeNet Safety Check -> report
+Default (no ``--checkpoint``): the miniature world shipped in ``safegen_world/`` — ESD erases the
+world's harmful concept, concept inversion recovers an implicit negative embedding (INE) from the
+erased model, and base / erased / erased + text guidance / erased + INE guidance are sampled on the
+same prompts and seeds and judged by the world's detector; one page ``demo_out/<time>/index.html``
+(``tools/demo_world.py``). Under 3 minutes with the trained files cached in ``.cache/``.
 
-The graph is ``workflows/api/safe_pipeline.json`` (its UI twin ``workflows/safe_pipeline.json``
-opens in ComfyUI). Without ``--checkpoint`` a tiny SD1.5-shaped checkpoint is built (random
-weights: the images are noise, the point is the pipeline) with a synthetic ESD-x-style partial
-unlearned file, and sizes/steps are cut (64 px, 3 sampling steps, a few inversion steps). With
-``--checkpoint /path/to/sd15.safetensors`` (``make demo CHECKPOINT=…``; add ``UNLEARNED=…`` for
-a real ESD/UCE/… release) the same graph runs at the workflow's sizes and steps.
-
-Writes images, the loss plot, report.md and the server log into ``--out/<time>/`` and prints
-where the report is.
+With ``--checkpoint /path/to/sd15.safetensors`` (``make demo CHECKPOINT=…``; add ``UNLEARNED=…`` for a
+real ESD/UCE/… release, else a synthetic ESD-x-style partial file is made) the graph
+``workflows/api/safe_pipeline.json`` runs on that model: unlearned UNet -> concept inversion on it ->
+INE as SLD's safety concept -> NudeNet Safety Check -> report.md in ``--out/<time>/``.
 """
 from __future__ import annotations
 
@@ -56,35 +54,37 @@ def _node_of(api, class_type, title_part=""):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a real SD1.5/SDXL checkpoint (default: build a tiny SD1.5-shaped one)")
+    ap.add_argument("--checkpoint", help="a real SD1.5/SDXL checkpoint (default: the miniature world demo)")
     ap.add_argument("--unlearned", help="an unlearned UNet file (default: a synthetic ESD-x-style partial file)")
     ap.add_argument("--out", default=str(REPO / "demo_out"), help="folder for the run's images and report")
     ap.add_argument("--workflow", default=str(API_DIR / "safe_pipeline.json"))
     ap.add_argument("--prompt", default=None, help="the user's prompt (default: the workflow's)")
     ap.add_argument("--train-steps", type=int, default=None,
-                    help="concept inversion steps (default: the workflow's 200; 6 on the tiny model)")
+                    help="--checkpoint runs: concept inversion steps (default: the workflow's 200)")
+    ap.add_argument("--retrain", action="store_true", help="world demo: train ESD and the INE again")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.checkpoint:
+        from tools.demo_world import run_demo
+        page = run_demo(Path(args.out), retrain=args.retrain)
+        log.info("demo page: %s", page)
+        print(f"SafeGen demo: open {page}")  # noqa: T201 - the one line a user needs
+        return 0
 
     run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="safegen-demo-"))
-    tiny = not args.checkpoint
-    if tiny:
-        from tools.tiny_models import ensure
-        ckpt = Path(ensure("sd1"))
-    else:
-        ckpt = Path(args.checkpoint).resolve()
-        if not ckpt.is_file():
-            raise SystemExit(f"checkpoint not found: {ckpt}")
+    ckpt = Path(args.checkpoint).resolve()
+    if not ckpt.is_file():
+        raise SystemExit(f"checkpoint not found: {ckpt}")
     unl = (Path(args.unlearned).resolve() if args.unlearned
            else make_partial_unlearned(ckpt, work / "demo_esd_x_synthetic.safetensors"))
 
     api = adapt(json.loads(Path(args.workflow).read_text()), {"ckpt_name": ckpt.name, "unet_name": unl.name},
-                small=tiny)
+                small=False)
     trainer = _node_of(api, "SafeGen_ConceptInversionTrainer")
     for n in trainer:
-        api[n]["inputs"]["steps"] = args.train_steps or (6 if tiny else api[n]["inputs"]["steps"])
+        api[n]["inputs"]["steps"] = args.train_steps or api[n]["inputs"]["steps"]
         api[n]["inputs"]["resume"] = False
     if args.prompt:
         for n in _node_of(api, "CLIPTextEncode", "Prompt"):
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         diff = float(np.abs(a - b).mean())
     lines = [
         "# SafeGen demo: the safe pipeline", "",
-        f"- checkpoint: `{ckpt}`{' (tiny, random weights: images are noise, the point is the pipeline)' if tiny else ''}",
+        f"- checkpoint: `{ckpt}`",
         f"- unlearned file: `{unl.name}`{'' if args.unlearned else ' (synthetic ESD-x-style partial file)'}",
         f"- workflow: `{Path(args.workflow).name}` through ComfyUI's HTTP API (POST /prompt + websocket); "
         f"open `workflows/safe_pipeline.json` in ComfyUI to see it",

@@ -1,6 +1,7 @@
 """ComfyUI's real frontend in headless Chromium, for the pack's workflows.
 
-    .venv/bin/python tools/frontend.py convert   # workflows/api/*.json -> workflows/*.json (UI format)
+    .venv/bin/python tools/frontend.py convert   # workflows/api/*.json -> workflows/*.json (UI format, laid
+                                                 # out by tools/workflow_layout.py)
     .venv/bin/python tools/frontend.py check     # load every workflows/*.json, screenshots in artifacts/frontend/
 
 Both start a ComfyUI server of their own (tools/comfy_host.py) with this pack; ``check`` runs with
@@ -39,8 +40,13 @@ def ensure_browser() -> None:
         raise FrontendError(f"browser provisioning failed:\n{p.stderr[-2000:]}")
 
 
-def run_js(mode: str, url: str, out_dir: Path, files: list[Path], timeout: float = 600) -> list[dict]:
+def run_js(mode: str, url: str, out_dir: Path, files: list[Path], timeout: float = 600,
+           layouts: Path | None = None) -> list[dict]:
+    """Run frontend.js ``mode`` on ``files``; ``layouts``: for convert, a JSON file {workflow name:
+    tools.workflow_layout.resolve(...)} applied to each converted graph."""
     env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    if layouts is not None:
+        env["SAFEGEN_LAYOUTS"] = str(layouts)
     p = subprocess.run(["node", str(JS), mode, url, str(out_dir), *map(str, files)], capture_output=True,
                        text=True, env=env, timeout=timeout, cwd=str(REPO))
     if p.returncode != 0:
@@ -159,11 +165,14 @@ def main(argv=None) -> int:
     ap.add_argument("mode", choices=("convert", "check"))
     a = ap.parse_args(argv)
     from tools.comfy_host import ComfyServer
+    from tools.workflow_layout import resolve
     from tools.workflows import API_DIR, WORKFLOWS, build, write_api
     ensure_browser()
     with tempfile.TemporaryDirectory(prefix="safegen-frontend-") as td, ComfyServer(td) as srv:
         if a.mode == "convert":
-            res = run_js("convert", srv.url, REPO / "workflows", write_api(API_DIR))
+            layouts = Path(td) / "layouts.json"
+            layouts.write_text(json.dumps({name: resolve(name, build(name)) for name in WORKFLOWS}))
+            res = run_js("convert", srv.url, REPO / "workflows", write_api(API_DIR), layouts=layouts)
         else:
             graphs = {name: build(name) for name in WORKFLOWS}
             with model_placeholders(srv.models_dir, graphs, srv.object_info()):
@@ -181,6 +190,9 @@ def main(argv=None) -> int:
                   f"errors {r['errors']}, screenshot {r['screenshot']}")
         else:
             print(f"wrote {r['out']} ({r['nodes']} nodes)")  # noqa: T201
+            for gr in r.get("grown") or ():
+                bad += 1
+                print(f"BAD layout: node {gr['id']} is {gr['want']} in the layout, the frontend needs {gr['got']}")  # noqa: T201
     return 1 if bad else 0
 
 

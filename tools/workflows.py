@@ -8,8 +8,11 @@ the frontend's own, not a guess. ``tests/server/test_workflows_frontend.py`` che
 in Chromium (no missing node, no node error, converts back to its API twin) and runs every API
 twin through ``POST /prompt`` on the tiny model (:func:`adapt` shrinks sizes and steps).
 
-Model file names are the usual public names (SD1.5, an ESD-x nudity release); pick yours in the
-loaders after opening a template.
+Model file names are the public releases' own (:data:`MODEL_FILES`: ComfyUI's SD 1.5 file, the ESD
+authors' ESD-u nudity UNet), so a downloaded file matches without renaming; the UI files carry them
+as the frontend's ``properties.models`` (its missing-model dialog names file, folder and URL). Files
+this pack makes (the INE, the Safe Text Encoder deltas, an ESD output) are explained in the
+workflows' notes instead. The UI layout (groups, notes, positions) is ``tools/workflow_layout.py``.
 """
 from __future__ import annotations
 
@@ -21,10 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 WF_DIR = REPO / "workflows"
 API_DIR = WF_DIR / "api"
 
-CKPT = "v1-5-pruned-emaonly.safetensors"
-UNLEARNED = "esd-nudity-ESDx1-UNET.safetensors"
-EMBEDDING = "ine_nudity.safetensors"
-TEXT_ENCODER = "safe_text_encoder.safetensors"
+CKPT = "v1-5-pruned-emaonly-fp16.safetensors"      # as ComfyUI's own SD 1.5 templates name it
+UNLEARNED = "diffusers-nudity-ESDu1-UNET.pt"       # the ESD authors' release (ESD-u, nudity, SD 1.4)
+EMBEDDING = "ine_nudity.safetensors"                # made by inversion_training
+TEXT_ENCODER = "safe_text_encoder.safetensors"      # made by safe_text_encoder
+# Files with a public download: {file name: {"url", "directory" (models/ folder)}}.
+MODEL_FILES = {
+    CKPT: {"url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                  "v1-5-pruned-emaonly-fp16.safetensors?download=true", "directory": "checkpoints"},
+    UNLEARNED: {"url": "https://erasing.baulab.info/weights/esd_models/NSFW/diffusers-nudity-ESDu1-UNET.pt",
+                "directory": "diffusion_models"},
+}
 PROMPT = "a photo of a woman on the beach, golden hour"
 CONCEPT = "nudity"
 
@@ -53,13 +63,17 @@ class Graph(dict):
 
 # ---------------------------------------------------------------------------------------- parts
 def _sample(g, model, clip, vae, positive, negative, prefix, seed=42, steps=30, cfg=7.5, size=512,
-            batch=1, latent=None, save=True):
+            batch=1, latent=None, save=True, tag=None):
+    """EmptyLatentImage (unless ``latent``) -> KSampler -> VAEDecode (-> SaveImage); ``tag`` goes
+    into the titles where a workflow samples twice."""
+    t = (lambda s: f"{s} ({tag})") if tag else (lambda s: None)
     lat = latent or g.add("EmptyLatentImage", width=size, height=size, batch_size=batch)
-    ks = g.add("KSampler", model=model, positive=positive, negative=negative, latent_image=lat[0], seed=seed,
-               steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.add("VAEDecode", samples=ks[0], vae=vae)
+    ks = g.add("KSampler", title=t("KSampler"), model=model, positive=positive, negative=negative,
+               latent_image=lat[0], seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",
+               denoise=1.0)
+    img = g.add("VAEDecode", title=t("VAE Decode"), samples=ks[0], vae=vae)
     if save:
-        g.add("SaveImage", images=img[0], filename_prefix=f"safegen/{prefix}")
+        g.add("SaveImage", title=t("Save Image"), images=img[0], filename_prefix=f"safegen/{prefix}")
     return img
 
 
@@ -74,16 +88,16 @@ def txt2img_unlearned():
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
     pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
     lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    _sample(g, un[0], ck[1], ck[2], pos[0], neg[0], "unlearned", latent=lat)
-    _sample(g, ck[0], ck[1], ck[2], pos[0], neg[0], "base", latent=lat)
-    g.add("PreviewAny", source=un[1], preview="")
+    _sample(g, un[0], ck[1], ck[2], pos[0], neg[0], "unlearned", latent=lat, tag="unlearned")
+    _sample(g, ck[0], ck[1], ck[2], pos[0], neg[0], "base", latent=lat, tag="base")
+    g.add("PreviewAny", title="Loader info", source=un[1], preview="")
     return g
 
 
 def _concept_images(g, ck, n=4, size=512, steps=30):
     """The base (not unlearned) model draws the concept: inversion's training images (INE paper)."""
     pos = _text(g, ck[1], f"a photo of {CONCEPT}", "Concept prompt (base model draws it)")
-    neg = _text(g, ck[1], "")
+    neg = _text(g, ck[1], "", "Negative")
     return _sample(g, ck[0], ck[1], ck[2], pos[0], neg[0], "concept", seed=1, steps=steps, size=size,
                    batch=n, save=False)
 
@@ -104,8 +118,8 @@ def inversion_training():
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
     tr = _inversion(g, ck, un, "ine_nudity", steps=3000, checkpoint_every=100)
-    g.add("PreviewImage", images=tr[1])
-    g.add("PreviewAny", source=tr[2], preview="")
+    g.add("PreviewImage", title="Loss plot", images=tr[1])
+    g.add("PreviewAny", title="Training info", source=tr[2], preview="")
     return g
 
 
@@ -114,7 +128,7 @@ def _unlearned_and_ine(g):
     ck = g.add("CheckpointLoaderSimple", title="Load Checkpoint (base model)", ckpt_name=CKPT)
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
     ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=ck[1], embedding_name=EMBEDDING, text="{}",
-                strength=1.0)
+                strength=1.0, embed_in_workflow=False, embedded="")
     return ck, un, ine
 
 
@@ -140,7 +154,7 @@ def safree():
     re = g.add("SafeGen_SAFREEReattention", model=un[0], b1=1.0, b2=1.0, s1=0.9, s2=0.2, start_percent=0.0,
                end_percent=1.0, mode="off", original=flt[2])
     _sample(g, re[0], ck[1], ck[2], flt[0], ine[0], "safree", steps=50)
-    g.add("PreviewAny", source=flt[1], preview="")
+    g.add("PreviewAny", title="SAFREE report", source=flt[1], preview="")
     return g
 
 
@@ -152,8 +166,8 @@ def safe_text_encoder():
                checkpoint_every=0, resume=False, name="safe_text_encoder", unsafe_file="", safe_file="")
     pos, neg = _text(g, tr[0], PROMPT, "Prompt (aligned encoder)"), _text(g, tr[0], "", "Negative")
     _sample(g, ck[0], tr[0], ck[2], pos[0], neg[0], "safe_text_encoder")
-    g.add("PreviewImage", images=tr[1])
-    g.add("PreviewAny", source=tr[2], preview="")
+    g.add("PreviewImage", title="Loss plot", images=tr[1])
+    g.add("PreviewAny", title="Training info", source=tr[2], preview="")
     return g
 
 
@@ -166,7 +180,7 @@ def safety_check():
     chk = g.add("SafeGen_NudeNetSafetyCheck", images=img[0], threshold=0.45, labels="\n".join(DEFAULT_LABELS),
                 censor="pixelate")
     g.add("SaveImage", images=chk[0], filename_prefix="safegen/checked")
-    g.add("PreviewAny", source=chk[2], preview="")
+    g.add("PreviewAny", title="Check report", source=chk[2], preview="")
     return g
 
 
@@ -178,18 +192,18 @@ def safe_pipeline():
     un = g.add("SafeGen_UnlearnedUNetLoader", model=ck[0], unet_name=UNLEARNED, strength=1.0)
     tr = _inversion(g, ck, un, "ine_pipeline", steps=200, checkpoint_every=50)
     ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=ck[1], embedding_name="(from input)", embedding=tr[0],
-                text="{}", strength=1.0)
+                text="{}", strength=1.0, embed_in_workflow=False, embedded="")
     sld = g.add("SafeGen_SLDGuidance", model=un[0], safety=ine[0], preset="medium", warmup_steps=10,
                 guidance_scale=1000.0, threshold=0.01, momentum_scale=0.3, momentum_beta=0.4)
     pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
     lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    img = _sample(g, sld[0], ck[1], ck[2], pos[0], neg[0], "pipeline", latent=lat, save=False)
-    base = _sample(g, ck[0], ck[1], ck[2], pos[0], neg[0], "pipeline_base", latent=lat, save=False)
+    img = _sample(g, sld[0], ck[1], ck[2], pos[0], neg[0], "pipeline", latent=lat, save=False, tag="guarded")
+    base = _sample(g, ck[0], ck[1], ck[2], pos[0], neg[0], "pipeline_base", latent=lat, save=False, tag="base")
     for im, name in ((img, "safe"), (base, "base")):
         chk = g.add("SafeGen_NudeNetSafetyCheck", title=f"NudeNet Safety Check ({name})", images=im[0],
                     threshold=0.45, labels="\n".join(DEFAULT_LABELS), censor="none")
-        g.add("SaveImage", images=chk[0], filename_prefix=f"safegen/pipeline_{name}")
-    g.add("PreviewImage", images=tr[1])
+        g.add("SaveImage", title=f"Save Image ({name})", images=chk[0], filename_prefix=f"safegen/pipeline_{name}")
+    g.add("PreviewImage", title="Loss plot", images=tr[1])
     return g
 
 
@@ -203,8 +217,8 @@ def esd_eraser():
                resume=True, vae=ck[2])
     pos, neg = _text(g, ck[1], PROMPT, "Prompt"), _text(g, ck[1], "", "Negative")
     _sample(g, er[0], ck[1], ck[2], pos[0], neg[0], "esd_erased")
-    g.add("PreviewImage", images=er[1])
-    g.add("PreviewAny", source=er[2], preview="")
+    g.add("PreviewImage", title="Loss plot", images=er[1])
+    g.add("PreviewAny", title="Eraser info", source=er[2], preview="")
     return g
 
 

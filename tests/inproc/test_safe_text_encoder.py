@@ -140,7 +140,8 @@ def test_node_saves_deltas_and_loader_round_trips(setup, te_dir):
 
 def test_full_weight_files_become_differences(setup, te_dir):
     clip, N, _ = setup
-    sd = clip.patcher.model_state_dict()
+    # the CLIP's stored weights (an earlier test's patched clone may still hold the shared modules patched)
+    sd = pack_module("safegen_comfy.compat").clip_state_dict(clip)
     key = "clip_l.transformer.text_model.encoder.layers.11.mlp.fc2.bias"
     # AdvUnlearn / transformers layout: text_model.*, plus a position_ids buffer that must be ignored
     hf = {k[len("clip_l.transformer."):]: v.clone() for k, v in sd.items() if k.startswith("clip_l.transformer.text_model.")}

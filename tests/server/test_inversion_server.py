@@ -1,4 +1,5 @@
 """Concept Inversion Trainer + Load Implicit Negative Embedding in a real server via /prompt."""
+import re
 import threading
 import time
 from pathlib import Path
@@ -188,3 +189,53 @@ def test_cce_objective_without_safety_concept_is_refused(comfy_server):
     err = ei.value.exception_message
     assert "negative_text" in err and "safety concept" in err
     assert not (Path(comfy_server.models_dir) / "embeddings" / "ine_np_empty.safetensors").exists()
+
+
+def test_embedded_ine_runs_without_the_file_and_equals_the_file(comfy_server):
+    """embed_in_workflow: the node's executed message carries the packed vectors; a workflow using them with
+    '(embedded in workflow)' runs after the file is gone and gives exactly the file-based result. A base-model
+    hash that differs from the connected MODEL's is a warning naming both hashes; damaged text is an error."""
+    from safetensors.torch import save_file
+    ck = install(comfy_server, "sd1")
+    d = Path(comfy_server.models_dir) / "embeddings"
+    d.mkdir(parents=True, exist_ok=True)
+    vec = 0.03 * torch.randn(2, 768, generator=torch.Generator().manual_seed(4))
+    path = d / "share_me.safetensors"
+    save_file({"emb_params": vec}, str(path), metadata={"base_model_hash": "0123456789abcdef"})
+
+    def graph(**loader):
+        g = Graph()
+        c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
+        ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=c[1], text="{}", strength=1.0, **loader)
+        pos = g.add("CLIPTextEncode", clip=c[1], text="a photo of a cat")
+        lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+        ks = g.add("KSampler", model=c[0], positive=pos[0], negative=ine[0], latent_image=lat[0], seed=9, steps=2,
+                   cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        sv = g.add("SaveLatent", samples=ks[0], filename_prefix="safegen_test/embedded_ine")
+        return g, ine, sv, c
+
+    g, ine, sv, _ = graph(embedding_name="share_me.safetensors", embed_in_workflow=True)
+    r = comfy_server.run(g, timeout=600)
+    from_file = latent(comfy_server, r, sv)
+    packed = r.ui(str(ine))["safegen_embedded"][0]
+    assert packed.startswith("safegen-ine:v1:") and len(packed) < 20_000
+    path.unlink()  # the receiver has no file
+    g, ine, sv, _ = graph(embedding_name="(embedded in workflow)", embedded=packed)
+    r = comfy_server.run(g, timeout=600)
+    assert torch.equal(latent(comfy_server, r, sv), from_file)
+    text = " ".join(r.ui(str(ine)).get("text", []))
+    assert "embedded INE (share_me.safetensors)" in text
+    # base-model hash check against the connected MODEL: a warning naming both hashes
+    g = Graph()
+    c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
+    ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=c[1], text="{}", strength=1.0,
+                embedding_name="(embedded in workflow)", embedded=packed, model=c[0])
+    g.add("PreviewAny", source=ine[1])
+    r = comfy_server.run(g, timeout=600)
+    warn = " ".join(r.ui(str(ine)).get("text", []))
+    assert "WARNING" in warn and "0123456789abcdef" in warn and re.search(r"has hash [0-9a-f]{16}", warn), warn
+    # damaged vectors: a clear error
+    g, _, _, _ = graph(embedding_name="(embedded in workflow)", embedded=packed[:-40] + "!!!!")
+    with pytest.raises(ExecutionError) as e:
+        comfy_server.run(g, timeout=600)
+    assert "embedded INE" in e.value.exception_message and "damaged" in e.value.exception_message

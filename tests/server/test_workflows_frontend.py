@@ -14,6 +14,12 @@ Chromium) and run through the HTTP API.
   below still depend on the files an earlier workflow makes), and every fixed choice the
   workflows use must then be offered by the server. So *no* node error is tolerated, on either
   version: a node error left is a real one.
+* Layout (``tools/workflow_layout.py``, applied by ``tools/frontend.py convert``), measured on the
+  graph the frontend shows: no two nodes overlap, every node but the notes lies in a group, every
+  group holds a MarkdownNote, every node is in the first view (the file's ``extra.ds`` in the
+  1600x1000 window, clear of the frontend's bars and minimap), no link passes under a node, and
+  every node that needs a model file names it in ``properties.models`` (file, URL, models/ folder)
+  or, for a file this pack makes, its group's note says which file and where.
 * ComfyUI lists the UI workflows as this pack's templates (``/workflow_templates``) and serves them.
 * Each API twin runs to completion through ``POST /prompt`` on the tiny SD1 model
   (``tools.workflows.adapt``: 64 px, 3 sampling steps, 2 training steps), in an order where the
@@ -28,6 +34,7 @@ import pytest
 
 from tests.graphs import install
 from tools import frontend as FE
+from tools import workflow_layout as WL
 from tools import workflows as WF
 from tools.unlearned_files import perturb, select, write_ldm
 
@@ -80,12 +87,96 @@ def test_ui_workflow_loads_in_frontend(checked, name):
     assert r["loaded"], f"the frontend shows another graph than the one loaded: {shown}"
     assert r["missing"] == [] and r["errors"] == [] and r["dialog"] == "", \
         {k: r[k] for k in ("missing", "errors", "error_details", "dialog", "page_errors")}
-    assert r["n_nodes"] == len(WF.build(name))
+    assert len([b for b in r["boxes"] if b["type"] != "MarkdownNote"]) == len(WF.build(name))
     got, got_extra = FE.split_declared(r["output"], checked["declared"])
     want, want_extra = FE.split_declared(WF.build(name), checked["declared"])
     assert got == want
     assert got_extra | want_extra <= FE.FRONTEND_ONLY_INPUTS, (got_extra, want_extra)
     assert (FE.ARTIFACTS / f"{stem}.png").stat().st_size > 10_000
+
+
+def _shown(checked, name):
+    r = checked["by_file"][str(FE.REPO / "workflows" / f"{name}.json")]
+    return r, json.loads((FE.REPO / "workflows" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(WF.WORKFLOWS))
+def test_layout_no_overlap_grouped_noted(checked, name):
+    """No two nodes overlap (notes included); every other node lies inside a group; every group
+    holds exactly one MarkdownNote; the groups are the layout's, left to right."""
+    r, wf = _shown(checked, name)
+    boxes = {b["id"]: b["box"] for b in r["boxes"]}
+    assert WL.overlapping(boxes) == []
+    groups = r["groups"]
+    assert [g["title"] for g in groups] == [g["title"] for g in WL.LAYOUTS[name]]
+    assert [g["box"][0] for g in groups] == sorted(g["box"][0] for g in groups)
+    for b in r["boxes"]:
+        homes = [g["title"] for g in groups if WL.inside(b["box"], g["box"])]
+        if b["type"] != "MarkdownNote":
+            assert len(homes) == 1, (b, homes)
+    for g in groups:
+        notes = [b for b in r["boxes"] if b["type"] == "MarkdownNote" and WL.inside(b["box"], g["box"])]
+        assert len(notes) == 1, (g["title"], notes)
+    assert {n["type"] for n in wf["nodes"] if n["type"] == "MarkdownNote"} and \
+        all(n["widgets_values"][0].strip() for n in wf["nodes"] if n["type"] == "MarkdownNote")
+
+
+@pytest.mark.parametrize("name", list(WF.WORKFLOWS))
+def test_layout_first_view(checked, name):
+    """The frontend opens the workflow at its extra.ds, and every node (notes too) is then on
+    screen: inside the 1600x1000 window clear of the top bar, side bar and Run toolbar, and off
+    the minimap corner."""
+    r, wf = _shown(checked, name)
+    view = r["view"]
+    assert view["canvas"] == list(WL.VIEW)
+    assert view["scale"] == pytest.approx(wf["extra"]["ds"]["scale"])
+    assert view["offset"] == pytest.approx(wf["extra"]["ds"]["offset"])
+    if name not in WL.OVERVIEW_ONLY:    # nodes drawn with their text, not as bare boxes
+        assert view["scale"] >= WL.READABLE_SCALE
+    x0, y0, x1, y1 = WL.CLEAR
+    for b in r["boxes"]:
+        sx0, sy0, sx1, sy1 = WL.screen_box(b["box"], view)
+        assert x0 <= sx0 and y0 <= sy0 and sx1 <= x1 and sy1 <= y1, (b, (sx0, sy0, sx1, sy1))
+        assert not WL._meets((sx0, sy0, sx1, sy1), WL.MINIMAP), (b, "under the minimap")
+
+
+@pytest.mark.parametrize("name", list(WF.WORKFLOWS))
+def test_layout_links_clear_of_nodes(checked, name):
+    """No link passes under a node (its path as LiteGraph draws it, through the reroutes)."""
+    r, _ = _shown(checked, name)
+    api = WF.build(name)
+    assert len(r["links"]) == sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values())
+    assert {(ln["target"], ln["input"]) for ln in r["links"] if ln["reroutes"]} == set(WL.ROUTES.get(name, {}))
+    boxes = {b["id"]: b["box"] for b in r["boxes"]}
+    assert WL.links_under_nodes(boxes, r["links"]) == []
+
+
+@pytest.mark.parametrize("name", list(WF.WORKFLOWS))
+def test_model_files_named(checked, name):
+    """Each node that loads a model file carries properties.models (name = the file it selects,
+    a public URL, the models/ folder of its input) — the frontend's missing-model dialog lists
+    them; a file this pack makes instead is named, with its folder, in the note of its group."""
+    r, wf = _shown(checked, name)
+    groups = r["groups"]
+    boxes = {b["id"]: b["box"] for b in r["boxes"]}
+    notes = {n["id"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "MarkdownNote"}
+    seen = 0
+    for nid, node in WF.build(name).items():
+        ui = next(n for n in wf["nodes"] if str(n["id"]) == nid)
+        for (ct, inp), folder in FE.MODEL_FILE_INPUTS.items():
+            value = node["inputs"].get(inp) if node["class_type"] == ct else None
+            if not isinstance(value, str) or value.startswith("("):   # "(from input)": an EMBEDDING link
+                continue
+            seen += 1
+            if value in WF.MODEL_FILES:
+                assert ui["properties"].get("models") == [
+                    {"name": value, "url": WF.MODEL_FILES[value]["url"], "directory": folder}], (nid, ui["properties"])
+                assert WF.MODEL_FILES[value]["url"].startswith("https://")
+            else:
+                home = next(g for g in groups if WL.inside(boxes[nid], g["box"]))
+                text = next(t for i, t in notes.items() if WL.inside(boxes[str(i)], home["box"]))
+                assert value in text and f"models/{folder}" in text, (nid, value, home["title"])
+    assert seen, "no model file in the workflow?"
 
 
 def test_templates_are_served(comfy_server):

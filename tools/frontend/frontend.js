@@ -1,5 +1,6 @@
 // Drive ComfyUI's real frontend in headless Chromium (Debian's chromium + playwright-core).
-//   node frontend.js convert URL OUT_DIR API.json...   API format -> UI format (app.loadApiJson + graph.serialize)
+//   node frontend.js convert URL OUT_DIR API.json...   API format -> UI format (app.loadApiJson, the layout of
+//                                                     env SAFEGEN_LAYOUTS applied, graph.serialize)
 //   node frontend.js check   URL SHOT_DIR UI.json...   load each UI workflow, report missing nodes / node errors,
 //                                                     its API conversion (app.graphToPrompt) and a screenshot
 // One JSON line per file on stdout. Used by tools/frontend.py.
@@ -66,24 +67,69 @@ async function loadAndVerify(page, load, arg, want) {
   return { loaded: false, attempts: 3, got };
 }
 
-async function convert(page, file) {
+// The layout of tools/workflow_layout.py (resolve()), applied to the graph the frontend made from the
+// API file: node pos/size (never below the frontend's computeSize; `grown` reports where it was),
+// properties.models, reroutes on long links, the groups, one MarkdownNote per group, extra.ds. The
+// frontend then serializes it, so widget order and links stay its own.
+function applyLayout(L) {
+  const g = window.app.graph;
+  const byId = new Map((g._nodes || g.nodes || []).map(n => [String(n.id), n]));
+  const grown = [];
+  for (const [id, v] of Object.entries(L.nodes)) {
+    const n = byId.get(id);
+    const min = n.computeSize();
+    const size = [Math.max(v.size[0], Math.ceil(min[0])), Math.max(v.size[1], Math.ceil(min[1]))];
+    if (size[0] !== v.size[0] || size[1] !== v.size[1]) grown.push({ id, want: v.size, got: size });
+    n.pos = [v.pos[0], v.pos[1]];
+    n.setSize(size);
+    if (L.models[id]) n.properties.models = L.models[id];
+  }
+  for (const r of L.reroutes || []) {
+    const n = byId.get(r.target);
+    const slot = n.inputs.findIndex(i => i.name === r.input);
+    const link = g.links.get ? g.links.get(n.inputs[slot].link) : g.links[n.inputs[slot].link];
+    const inY = n.getConnectionPos(true, slot)[1];
+    // each one nearer the target; a null y is the height of the target's input
+    for (const p of r.points) g.createReroute([p[0], p[1] === null ? inY : p[1]], link);
+  }
+  for (const gr of L.groups) {
+    const group = new LiteGraph.LGraphGroup(gr.title);
+    group.pos = [gr.bounding[0], gr.bounding[1]];
+    group.size = [gr.bounding[2], gr.bounding[3]];
+    group.color = gr.color;
+    group.font_size = gr.font_size;
+    g.add(group);
+  }
+  for (const nt of L.notes) {
+    const md = LiteGraph.createNode('MarkdownNote');
+    md.title = nt.title;
+    md.pos = [nt.pos[0], nt.pos[1]];
+    md.size = [nt.size[0], nt.size[1]];
+    md.widgets[0].value = nt.text;
+    g.add(md);
+  }
+  return grown;
+}
+
+async function convert(page, file, layout) {
   const api = JSON.parse(fs.readFileSync(file));
   const name = path.basename(file, '.json');
   const want = Object.entries(api).map(([id, n]) => `${id}:${n.class_type}`).sort().join(',');
   const ld = await loadAndVerify(page, async ([a, n]) => { await window.app.loadApiJson(a, n); }, [api, name], want);
   if (!ld.loaded) throw new Error(`${file}: the graph shown is not the one loaded (${ld.got} != ${want})`);
-  return await page.evaluate(() => {
+  return await page.evaluate(([L, applySrc]) => {
     // shared workflows reproduce: seeds stay as written (the frontend defaults to "randomize")
     for (const n of (window.app.graph._nodes || window.app.graph.nodes || [])) {
       for (const w of (n.widgets || [])) {
         if (w.name === 'control_after_generate') w.value = 'fixed';
       }
     }
+    const grown = L ? (0, eval)(`(${applySrc})`)(L) : [];
     const wf = window.app.graph.serialize();
     wf.extra = wf.extra || {};
-    wf.extra.ds = { scale: 0.6, offset: [40, 60] };
-    return wf;
-  });
+    wf.extra.ds = L ? L.ds : { scale: 0.6, offset: [40, 60] };
+    return { wf, grown };
+  }, [layout, applyLayout.toString()]);
 }
 
 async function check(page, file, shotDir) {
@@ -103,14 +149,40 @@ async function check(page, file, shotDir) {
       bad_choices: (n.widgets || []).filter(w => w.options && Array.isArray(w.options.values) &&
         !w.options.values.includes(w.value)).map(w => [w.name, w.value]) }));
     const prompt = await window.app.graphToPrompt();
-    return { errors, error_details, n_nodes: nodes.length, output: prompt.output };
+    // geometry as the frontend has it: node boxes (title included), groups, the view, and each
+    // link's path (output slot, reroutes, input slot) for the layout checks
+    const boxes = nodes.map(n => ({ id: String(n.id), type: n.type, box: Array.from(n.boundingRect) }));
+    const groups = (g._groups || g.groups || []).map(gr => ({ title: gr.title, box: Array.from(gr._bounding || gr.bounding) }));
+    const links = [];
+    for (const n of nodes) {
+      (n.inputs || []).forEach((inp, i) => {
+        if (inp.link == null) return;
+        const link = g.links.get ? g.links.get(inp.link) : g.links[inp.link];
+        const src = g.getNodeById(link.origin_id);
+        const first = link.parentId === undefined || !g.reroutes ? undefined : g.reroutes.get(link.parentId);
+        const reroutes = (first ? first.getReroutes() || [] : []).map(r => Array.from(r.pos));
+        links.push({ origin: String(link.origin_id), target: String(n.id), input: inp.name,
+                     from: Array.from(src.getConnectionPos(false, link.origin_slot)),
+                     to: Array.from(n.getConnectionPos(true, i)), reroutes });
+      });
+    }
+    const c = window.app.canvas;
+    const view = { scale: c.ds.scale, offset: Array.from(c.ds.offset),
+                   canvas: [c.canvas.clientWidth, c.canvas.clientHeight] };
+    return { errors, error_details, n_nodes: nodes.length, output: prompt.output, boxes, groups, links, view };
   });
-  const text = await page.evaluate(() => document.body.innerText);
+  // dialogs and toasts the frontend shows (the text of the workflow's own notes does not count)
+  const text = await page.evaluate(() => {
+    let t = document.body.innerText;
+    for (const el of document.querySelectorAll('.dom-widget')) if (el.innerText) t = t.split(el.innerText).join(' ');
+    return t;
+  });
   const m = text.match(/.{0,120}(missing|not found).{0,120}/i);
   const shot = path.join(shotDir, path.basename(file, '.json') + '.png');
   await page.screenshot({ path: shot });
   return { file, types, missing, errors: state.errors, error_details: state.error_details, n_nodes: state.n_nodes,
-           output: state.output, dialog: m ? m[0] : '', screenshot: shot, loaded: ld.loaded,
+           output: state.output, boxes: state.boxes, groups: state.groups, links: state.links, view: state.view,
+           dialog: m ? m[0] : '', screenshot: shot, loaded: ld.loaded,
            load_attempts: ld.attempts, graph_shown: ld.got, graph_loaded: want };
 }
 
@@ -122,14 +194,16 @@ async function check(page, file, shotDir) {
            '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'] });
   try {
     fs.mkdirSync(dir, { recursive: true });
+    // convert: {workflow name: layout} from tools/frontend.py (env SAFEGEN_LAYOUTS, a JSON file)
+    const layouts = process.env.SAFEGEN_LAYOUTS ? JSON.parse(fs.readFileSync(process.env.SAFEGEN_LAYOUTS)) : {};
     for (const f of files) {
       const { page, consoleErrors } = await openApp(browser, url);  // a fresh page per file
       if (mode === 'convert') {
-        const wf = await convert(page, f);
+        const { wf, grown } = await convert(page, f, layouts[path.basename(f, '.json')] || null);
         const out = path.join(dir, path.basename(f));
         fs.writeFileSync(out + '.tmp', JSON.stringify(wf, null, 1) + '\n');
         fs.renameSync(out + '.tmp', out);
-        console.log(JSON.stringify({ file: f, out, nodes: wf.nodes.length }));
+        console.log(JSON.stringify({ file: f, out, nodes: wf.nodes.length, grown }));
       } else {
         const r = await check(page, f, dir);
         r.page_errors = consoleErrors;
