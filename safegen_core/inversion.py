@@ -35,7 +35,6 @@ This module runs no model: callers pass the predictions, so it needs no ComfyUI 
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -77,16 +76,6 @@ CCE_STYLE_TEMPLATES = [
 CCE_PERSON_TEMPLATES = ["a photo portrait of {}", "a DSLR portrait of {}"]          # np/esd/uce
 CCE_PERSON_TEMPLATES_SLD = ["a photo portrait of {}", "a DSLR photo portrait of {}"]  # sld:483-486
 CCE_TEMPLATES = {"object": CCE_OBJECT_TEMPLATES, "style": CCE_STYLE_TEMPLATES, "person": CCE_PERSON_TEMPLATES}
-
-
-def cce_prompt(placeholder: str, learnable_property: str = "style", rng: random.Random | None = None,
-               objective: str = "np") -> str:
-    """One training prompt as CCE's dataset builds it: a uniformly drawn template (with replacement,
-    independently for every sample) formatted with the placeholder (np:537)."""
-    temps = CCE_TEMPLATES[learnable_property]
-    if learnable_property == "person" and objective == "sld":
-        temps = CCE_PERSON_TEMPLATES_SLD
-    return (rng or random).choice(temps).format(placeholder)
 
 
 # Reference defaults. "argparse" = the script's default, "train.sh" = what the shipped launch script
