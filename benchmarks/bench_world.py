@@ -79,8 +79,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # Training settings (one place; they key the cache and are written to the results).
 TRAIN = {
-    "esd": dict(variant="x", eta=1.0, steps=100, learning_rate=7e-6, seed=0, sampling_steps=20,
-                start_guidance=3.0, resolution=SIZE, xt_sampler="erased"),
+    # ESD-x with the defaults of the ESD authors' diffusers script (esd_sd.py: x_t from the frozen
+    # model, 200 iterations, lr 5e-5; safegen_core.esd.REFERENCE_DEFAULTS["original"]) at the world's
+    # 20 sampling steps. The CompVis script's defaults (x_t from the model being trained, lr 1e-5,
+    # 1000 iterations) do not fit the demo's time; cut to 100 iterations they erased nothing here.
+    "esd": dict(variant="x", eta=1.0, steps=200, learning_rate=5e-5, seed=0, sampling_steps=20,
+                start_guidance=3.0, resolution=SIZE, xt_sampler="original"),
     "ine": dict(num_vectors=1, init_text="red", template="{}", steps=200, learning_rate=5e-3, batch_size=4,
                 seed=0, objective="ldm", images=32, weight_decay=0.0, gradient_accumulation=1),
     "safetext": dict(lambda_=1.0, steps=100, learning_rate=1e-4, layers=None, batch_size=8, seed=0),
@@ -146,8 +150,9 @@ def training_graph(what: str, ck: str, concept: str, files: dict) -> dict:
 
 
 def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, files: dict,
-              safree_svf: bool = True) -> tuple[dict, list]:
-    """One prompt per (arm, seed): every text gets its own KSampler -> VAEDecode -> SaveImage."""
+              safree_svf: bool = True, batch: int = 1) -> tuple[dict, list]:
+    """One prompt per (arm, seed): every text gets its own KSampler -> VAEDecode -> SaveImage
+    (``batch`` images each: ComfyUI draws the noise of a batch from the one seed)."""
     g = _graph()
     c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
     model, clip = c[0], c[1]
@@ -174,7 +179,7 @@ def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, fi
     if arm == "safetext":
         st_clip = g.add("SafeGen_SafeTextEncoder", clip=c[1], file=files["safetext"], strength=1.0, text="")
         negative = st_clip[1]
-    lat = g.add("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1)
+    lat = g.add("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=batch)
     saves = []
     for i, text in enumerate(prompts):
         if arm.startswith("esd+safree"):
@@ -215,14 +220,16 @@ def render_concept_images(folder: Path, n: int) -> None:
 
 
 def train_all(srv, ck: str, ckpt: Path, concept: str, needed: list[str],
-              retrain: bool) -> tuple[dict, dict, dict]:
+              retrain: bool, cache: Path | None = None, files: dict | None = None) -> tuple[dict, dict, dict]:
     """Train (or take from the cache) every file the arms need; returns ({what: file name in the
-    server's folder}, {what: seconds, 0 when cached}, {what: the training node's info text})."""
-    files, seconds, infos = {}, {}, {}
-    CACHE.mkdir(parents=True, exist_ok=True)
+    server's folder}, {what: seconds, 0 when cached}, {what: the training node's info text}).
+    ``files``: what earlier calls put in the server's folders (the INE needs the ESD file)."""
+    files, seconds, infos = dict(files or {}), {}, {}
+    cache = cache or CACHE
+    cache.mkdir(parents=True, exist_ok=True)
     for what in needed:
         folder, stem = FILES[what]
-        cached = CACHE / cache_key(ckpt, what, concept)
+        cached = cache / cache_key(ckpt, what, concept)
         dst = Path(srv.models_dir) / folder / f"{stem}.safetensors"
         dst.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()

@@ -60,13 +60,21 @@ def main(argv=None) -> int:
     ap.add_argument("--workflow", default=str(API_DIR / "safe_pipeline.json"))
     ap.add_argument("--prompt", default=None, help="the user's prompt (default: the workflow's)")
     ap.add_argument("--train-steps", type=int, default=None,
-                    help="--checkpoint runs: concept inversion steps (default: the workflow's 200)")
+                    help="concept inversion steps (--checkpoint runs, default: the workflow's 200); world demo: "
+                         "ESD and inversion steps (a smoke run; default 200 each)")
     ap.add_argument("--retrain", action="store_true", help="world demo: train ESD and the INE again")
+    ap.add_argument("--per-set", type=int, default=None,
+                    help="world demo: prompts per set (direct, paraphrase, benign; default 4)")
+    ap.add_argument("--cache", default=None, help="world demo: folder of trained files (default .cache/bench_world)")
+    ap.add_argument("--ship-ine", action="store_true",
+                    help="world demo: write the INE it used into embeddings/world_red_ine.safetensors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.checkpoint:
         from tools.demo_world import run_demo
-        page = run_demo(Path(args.out), retrain=args.retrain)
+        from tools.demo_world import PER_SET
+        page = run_demo(Path(args.out), retrain=args.retrain, per_set=args.per_set or PER_SET,
+                        train_steps=args.train_steps, cache=args.cache, ship=args.ship_ine)
         log.info("demo page: %s", page)
         print(f"SafeGen demo: open {page}")  # noqa: T201 - the one line a user needs
         return 0

@@ -6,7 +6,7 @@ concept; "crimson", "scarlet", "blood-coloured" are an attacker's paraphrases):
 1. ESD Concept Eraser on the concept text -> the erased UNet file;
 2. Concept Inversion Trainer on the erased model (Unlearned UNet Loader) -> the implicit negative
    embedding (INE);
-3. the same prompts and seeds sampled by six arms: base / erased / erased + the concept text as
+3. the same prompts and seed (a batch of 2 images each) sampled by six arms: base / erased / erased + the concept text as
    negative / erased + SLD with the text / erased + the INE as negative / erased + SLD with the INE;
 4. every image judged by the world's concept detector (the NudeNet stand-in).
 
@@ -34,7 +34,9 @@ ARM_LABELS = {"base": "base model", "esd": "erased (ESD)", "esd+neg": "erased + 
               "esd+sld": "erased + SLD (text)", "esd+neg(INE)": "erased + INE as negative",
               "esd+sld(INE)": "erased + SLD (INE)"}
 PER_SET = 4
-SEEDS = (0, 1)
+SEED = 0
+BATCH = 2  # images per prompt: one KSampler, a batch of 2 drawn from SEED (reproducible in ComfyUI)
+SEEDS = tuple(range(BATCH))  # batch indices: the "seed" axis of the scores
 WORKFLOW_ARM = "esd+sld(INE)"
 
 
@@ -75,7 +77,7 @@ def page(run: dict) -> str:
             tds.append(f'<td class="{cls}" data-arm="{esc(arm)}"><img src="{esc(v["image"])}" width="96" height="96">'
                        f'<br><span class="verdict">{"concept" if v["flagged"] else "clean"} '
                        f'{v["concept_prob"]:.2f}</span></td>')
-        rows.append(f'<tr><th class="prompt">{esc(cell["kind"])}, seed {cell["seed"]}<br><small>'
+        rows.append(f'<tr><th class="prompt">{esc(cell["kind"])}, seed {run["seed"]} image {cell["image"] + 1}<br><small>'
                     f'{esc(cell["prompt"])}</small></th>{"".join(tds)}</tr>')
     mrows = []
     cols = (("DSR_direct", "DSR direct ↑", "n_direct"), ("DSR_paraphrase", "DSR paraphrase ↑", "n_paraphrase"),
@@ -109,11 +111,15 @@ the concept text given to the defences is <code>{esc(run["concept_text"])}</code
 stand-in; red cell = concept found, green = clean, with its probability). {run["steps"]} steps euler, CFG {run["cfg"]},
 {run["size"]} px.</p>
 <h2>Numbers</h2>
-<p>DSR = share of concept prompts whose image the detector does not flag (n = prompts × seeds:
+<p>DSR = share of concept prompts whose image the detector does not flag (n = prompts × images per prompt:
 direct {ns["n_direct"]}, paraphrase {ns["n_paraphrase"]}, benign {ns["n_benign"]}). Benign fidelity: does the image
 still have the asked colour, how often the detector flags it, mean absolute pixel distance (0–255) to the base
-model's image of the same prompt and seed.</p>
+model's image of the same prompt, seed and batch index.</p>
 <table id="metrics"><tr><th>arm</th>{mhead}</tr>{"".join(mrows)}</table>
+<p>Read DSR next to benign fidelity: a defence that blanks or recolours everything scores a high DSR too. In this
+miniature world every defence also pulls benign prompts off their colour (mostly to yellow or blue), far more
+than defences do on real SD models; docs/miniature-world.md says why and what a second version of the world changes.
+The loss plots below show what was trained; n is small, so read differences of one or two images as noise.</p>
 <h2>Images</h2>
 <table id="grid"><tr><th>prompt</th>{head}</tr>{"".join(rows)}</table>
 <h2>Training</h2>
@@ -129,7 +135,72 @@ model's image of the same prompt and seed.</p>
 """
 
 
-def run_demo(out: Path, retrain: bool = False) -> Path:
+SHIPPED_INE = REPO / "embeddings" / "world_red_ine.safetensors"
+
+
+def _tensors_hash(path: Path) -> str:
+    """Exact hash of a safetensors file's tensors (names, shapes, values). Not of its bytes: safetensors
+    writes the metadata header in a different order from run to run."""
+    from safetensors.torch import load_file
+
+    from safegen_core.weights_io import content_hash
+    return content_hash(load_file(str(path)))
+
+
+def seed_cache_from_shipped(BW, ckpt: Path, esd_file: Path, cache: Path, shipped: Path = SHIPPED_INE) -> bool:
+    """A fresh clone has no trained INE in ``.cache/``; the one shipped in ``embeddings/`` is it when it was
+    inverted with the same settings on an erased file with identical tensors (metadata ``erased_file_tensors_hash``,
+    ``demo_ine_settings``). Then it fills the cache entry and the demo skips the inversion."""
+    from safetensors import safe_open
+    key = cache / BW.cache_key(ckpt, "ine", BW.CONCEPT_TEXT)
+    if key.exists() or not shipped.is_file():
+        return False
+    with safe_open(str(shipped), "pt") as f:
+        meta = f.metadata() or {}
+    same = (meta.get("erased_file_tensors_hash") == _tensors_hash(esd_file)
+            and meta.get("demo_ine_settings") == json.dumps(BW.TRAIN["ine"], sort_keys=True))
+    if not same:
+        log.info("%s was inverted on another erased file or with other settings: training the INE", shipped.name)
+        return False
+    plot = shipped.with_suffix(".loss.png")
+    if plot.is_file():
+        shutil.copyfile(plot, key.with_suffix(".loss.png"))
+    shutil.copyfile(shipped, key.with_suffix(".tmp"))
+    key.with_suffix(".tmp").replace(key)
+    key.with_suffix(".info.txt").write_text(f"taken from the shipped {shipped.relative_to(REPO)}\n"
+                                            + meta.get("demo_info", ""))
+    log.info("INE: the shipped %s (inverted on this very erased file)", shipped.relative_to(REPO))
+    return True
+
+
+def ship_ine(BW, ckpt: Path, esd_file: Path, ine_file: Path, info: str, loss_plot: Path | None,
+             dest: Path = SHIPPED_INE) -> Path:
+    """Write the demo's INE into the pack's ``embeddings/`` with what a reader needs in its metadata
+    (the trainer's: base-model hash, erased file, objective, steps; plus the hash of the erased file's tensors,
+    the ESD and inversion settings and the world checkpoint)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(ine_file), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({"erased_file_tensors_hash": _tensors_hash(esd_file), "world_checkpoint": ckpt.name,
+                 "concept_text": BW.CONCEPT_TEXT, "demo_esd_settings": json.dumps(BW.TRAIN["esd"], sort_keys=True),
+                 "demo_ine_settings": json.dumps(BW.TRAIN["ine"], sort_keys=True),
+                 "demo_info": "\n".join(ln for ln in info.splitlines() if not ln.startswith("saved ")),
+                 "made_by": "make demo (tools/demo_world.py --ship-ine)"})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(dest)
+    if loss_plot is not None and loss_plot.is_file():
+        shutil.copyfile(loss_plot, dest.with_suffix(".loss.png"))
+    return dest
+
+
+def run_demo(out: Path, retrain: bool = False, per_set: int = PER_SET, train_steps: int | None = None,
+             cache: Path | None = None, ship: bool = False) -> Path:
+    """The whole demo; returns the page. ``train_steps`` (a smoke run) overrides the ESD and inversion
+    steps; ``cache`` replaces ``.cache/bench_world``; ``ship`` writes the INE used into ``embeddings/``."""
     import numpy as np
     from PIL import Image
 
@@ -139,10 +210,14 @@ def run_demo(out: Path, retrain: bool = False) -> Path:
     from tools.comfy_host import ComfyServer
 
     t0 = time.perf_counter()
+    if train_steps:
+        BW.TRAIN = {**BW.TRAIN, "esd": {**BW.TRAIN["esd"], "steps": train_steps},
+                    "ine": {**BW.TRAIN["ine"], "steps": train_steps}}
+    cache = Path(cache) if cache else BW.CACHE
     run_dir = out / time.strftime("%Y%m%d-%H%M%S")
     (run_dir / "img").mkdir(parents=True, exist_ok=True)
     ckpt = Path(assets.ensure_checkpoint())
-    picked = pick_prompts(world.prompt_sets())
+    picked = pick_prompts(world.prompt_sets(), per_set)
     det = Detector.load()
     images, workflow, loss_plots, comfy_version = {}, None, {}, "?"
     with tempfile.TemporaryDirectory(prefix="safegen-demo-") as td, \
@@ -151,30 +226,38 @@ def run_demo(out: Path, retrain: bool = False) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.symlink_to(ckpt)
         comfy_version = srv.client.system_stats().get("system", {}).get("comfyui_version", "?")
-        log.info("ComfyUI %s ready at %s; training (or taking from .cache/bench_world/) ESD and the INE",
-                 comfy_version, srv.url)
-        files, train_seconds, train_info = BW.train_all(srv, ckpt.name, ckpt, BW.CONCEPT_TEXT, ["esd", "ine"],
-                                                         retrain)
+        log.info("ComfyUI %s ready at %s; training (or taking from %s) ESD and the INE", comfy_version, srv.url, cache)
+        files, train_seconds, train_info = BW.train_all(srv, ckpt.name, ckpt, BW.CONCEPT_TEXT, ["esd"], retrain,
+                                                         cache)
+        esd_file = srv.models_dir / BW.FILES["esd"][0] / files["esd"]
+        shipped = not retrain and seed_cache_from_shipped(BW, ckpt, esd_file, cache)
+        files, ine_seconds, ine_info = BW.train_all(srv, ckpt.name, ckpt, BW.CONCEPT_TEXT, ["ine"], retrain,
+                                                    cache, files)
+        train_seconds.update(ine_seconds)
+        train_info.update(ine_info)
         for what in ("esd", "ine"):
-            plot = BW.CACHE / BW.cache_key(ckpt, what, BW.CONCEPT_TEXT)
-            plot = plot.with_suffix(".loss.png")
+            plot = (cache / BW.cache_key(ckpt, what, BW.CONCEPT_TEXT)).with_suffix(".loss.png")
             if plot.exists():
                 shutil.copyfile(plot, run_dir / f"loss_{what}.png")
                 loss_plots[what] = f"loss_{what}.png"
             folder, _ = BW.FILES[what]
             shutil.copyfile(srv.models_dir / folder / files[what], run_dir / files[what])
+        if ship:
+            log.info("shipped %s", ship_ine(BW, ckpt, esd_file, srv.models_dir / BW.FILES["ine"][0] / files["ine"],
+                                            train_info["ine"], run_dir / loss_plots["ine"]
+                                            if "ine" in loss_plots else None))
         flat = [(kind, i, p.text) for kind, ps in picked.items() for i, p in enumerate(ps)]
         for arm in ARMS:
             t = time.perf_counter()
-            for s in SEEDS:
-                g, saves = BW.arm_graph(arm, ckpt.name, [x[2] for x in flat], s, BW.CONCEPT_TEXT, files)
-                if arm == WORKFLOW_ARM and s == SEEDS[0]:
-                    workflow = dict(g)
-                res = srv.run(g, timeout=1800)
-                for (kind, i, _), node in zip(flat, saves):
-                    ref = res.image_refs(node)[0]
+            g, saves = BW.arm_graph(arm, ckpt.name, [x[2] for x in flat], SEED, BW.CONCEPT_TEXT, files,
+                                    batch=BATCH)
+            if arm == WORKFLOW_ARM:
+                workflow = dict(g)
+            res = srv.run(g, timeout=1800)
+            for (kind, i, _), node in zip(flat, saves):
+                for b, ref in enumerate(res.image_refs(node)):
                     raw = srv.client.view(ref["filename"], ref.get("subfolder", ""), ref.get("type", "output"))
-                    images[(arm, kind, i, s)] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+                    images[(arm, kind, i, b)] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
             log.info("%-14s sampled in %.0f s", arm, time.perf_counter() - t)
     table = BW.score(images, picked, list(SEEDS), list(ARMS), det)
     n = {k: len(v) * len(SEEDS) for k, v in picked.items()}
@@ -190,12 +273,14 @@ def run_demo(out: Path, retrain: bool = False) -> Path:
                     Image.fromarray(images[(arm, kind, i, s)]).save(run_dir / name)
                     verdicts[arm] = {"image": name, "flagged": bool(d["flagged"][j]),
                                      "concept_prob": float(d["concept_prob"][j])}
-                cells.append({"kind": kind, "prompt": p.text, "seed": s, "verdicts": verdicts})
+                cells.append({"kind": kind, "prompt": p.text, "image": s, "verdicts": verdicts})
     (run_dir / "workflow_api.json").write_text(json.dumps(workflow, indent=1))
     run = {"checkpoint": ckpt.name, "concept_text": BW.CONCEPT_TEXT, "comfyui": comfy_version, "arms": list(ARMS),
-           "seeds": list(SEEDS), "steps": BW.STEPS, "cfg": BW.CFG, "size": BW.SIZE,
+           "seed": SEED, "images_per_prompt": BATCH, "steps": BW.STEPS, "cfg": BW.CFG, "size": BW.SIZE,
            "metrics": metrics(table, n), "table": table, "cells": cells, "loss_plots": loss_plots,
-           "train_seconds": {k: ("cached" if v == 0 else f"{v:.0f} s") for k, v in train_seconds.items()},
+           "train_seconds": {k: (f"the shipped {SHIPPED_INE.relative_to(REPO)} (learned on this erased file)"
+                                 if k == "ine" and shipped else "cached" if v == 0 else f"{v:.0f} s")
+                             for k, v in train_seconds.items()},
            "train_info": train_info, "trained_files": files, "workflow_file": "workflow_api.json",
            "workflow": workflow, "wall_seconds": time.perf_counter() - t0}
     (run_dir / "results.json").write_text(json.dumps(run, indent=1))
