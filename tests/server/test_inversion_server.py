@@ -239,3 +239,51 @@ def test_embedded_ine_runs_without_the_file_and_equals_the_file(comfy_server):
     with pytest.raises(ExecutionError) as e:
         comfy_server.run(g, timeout=600)
     assert "embedded INE" in e.value.exception_message and "damaged" in e.value.exception_message
+
+
+def test_frontend_freezes_the_ine_into_the_saved_workflow(comfy_server, tmp_path):
+    """The web extension (web/js/safegen_embed.js) in ComfyUI's real frontend: a graph queued from the UI with
+    embed_in_workflow on comes back with the vectors in the node's `embedded` widget and '(embedded in
+    workflow)' selected; the workflow the frontend then saves holds them, and its API form runs on a server
+    without the file and gives exactly the file-based image."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from safegen_core.inversion import unpack_embedding
+    from tools import frontend as FE
+    FE.ensure_browser()
+    ck = install(comfy_server, "sd1")
+    d = Path(comfy_server.models_dir) / "embeddings"
+    d.mkdir(parents=True, exist_ok=True)
+    vec = 0.03 * torch.randn(1, 768, generator=torch.Generator().manual_seed(5))
+    path = d / "freeze_me.safetensors"
+    save_file({"emb_params": vec}, str(path))
+    g = Graph()
+    c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
+    ine = g.add("SafeGen_LoadImplicitNegativeEmbedding", clip=c[1], text="{}", strength=1.0,
+                embedding_name="freeze_me.safetensors", embed_in_workflow=True, embedded="")
+    pos = g.add("CLIPTextEncode", clip=c[1], text="a photo of a dog")
+    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.add("KSampler", model=c[0], positive=pos[0], negative=ine[0], latent_image=lat[0], seed=3, steps=2,
+               cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    sv = g.add("SaveLatent", samples=ks[0], filename_prefix="safegen_test/frozen_ine")
+    api = tmp_path / "freeze_ine.json"
+    api.write_text(json.dumps(g))
+    (r,) = FE.run_js("freeze", comfy_server.url, tmp_path, [api])  # the first run of this graph (not cached)
+    g[str(sv)]["inputs"]["filename_prefix"] = "safegen_test/frozen_ine_ref"  # only the save runs again
+    from_file = latent(comfy_server, comfy_server.run(g, timeout=600), sv)
+    assert r["extension_loaded"] and r["page_errors"] == [], r.get("page_errors")
+    assert r["frozen"], r["widgets"]
+    w = r["widgets"]
+    assert w["embedding_name"] == "(embedded in workflow)" and w["embed_in_workflow"] is False
+    vectors, meta = unpack_embedding(w["embedded"])
+    assert torch.equal(next(iter(vectors.values())).reshape(vec.shape), vec)
+    assert meta.get("source_file") == "freeze_me.safetensors"
+    saved = [n for n in r["wf"]["nodes"] if n["type"] == "SafeGen_LoadImplicitNegativeEmbedding"]
+    assert len(saved) == 1 and w["embedded"] in saved[0]["widgets_values"]
+    path.unlink()  # the receiver has no file: the frontend's API form of the saved workflow still runs
+    prompt = r["output"]
+    assert prompt[r["node"]]["inputs"]["embedding_name"] == "(embedded in workflow)"
+    prompt[str(ks)]["inputs"]["seed"] = 3  # the frontend's "control after generate" may have moved it
+    assert torch.equal(latent(comfy_server, comfy_server.run(prompt, timeout=600), sv), from_file)

@@ -3,6 +3,8 @@
 //                                                     env SAFEGEN_LAYOUTS applied, graph.serialize)
 //   node frontend.js check   URL SHOT_DIR UI.json...   load each UI workflow, report missing nodes / node errors,
 //                                                     its API conversion (app.graphToPrompt) and a screenshot
+//   node frontend.js freeze  URL SHOT_DIR API.json...  queue each graph from the frontend, wait for SafeGen's web
+//                                                     extension to embed the INE, report the saved workflow
 // One JSON line per file on stdout. Used by tools/frontend.py.
 const { chromium } = require('playwright-core');
 const fs = require('fs');
@@ -186,6 +188,42 @@ async function check(page, file, shotDir) {
            load_attempts: ld.attempts, graph_shown: ld.got, graph_loaded: want };
 }
 
+// Queue an API graph from the frontend (app.queuePrompt, as the Queue button does) and wait until the
+// SafeGen web extension has written the packed INE into the Load Implicit Negative Embedding node
+// (web/js/safegen_embed.js); report the extension, that node's widgets, the saved workflow and its API form.
+async function freeze(page, file, shotDir) {
+  const api = JSON.parse(fs.readFileSync(file));
+  const want = Object.entries(api).map(([id, n]) => `${id}:${n.class_type}`).sort().join(',');
+  const ld = await loadAndVerify(page, async ([a, n]) => { await window.app.loadApiJson(a, n); },
+                                 [api, path.basename(file, '.json')], want);
+  if (!ld.loaded) throw new Error(`${file}: the graph shown is not the one loaded (${ld.got} != ${want})`);
+  const NODE = 'SafeGen_LoadImplicitNegativeEmbedding';
+  const before = await page.evaluate(async (NODE) => {
+    const names = (window.app.extensions || []).map(e => e.name);
+    await window.app.queuePrompt(0, 1);
+    return { extensions: names };
+  }, NODE);
+  let frozen = true;
+  try {
+    await page.waitForFunction((NODE) => {
+      const n = (window.app.graph._nodes || window.app.graph.nodes).find(x => x.type === NODE);
+      const w = n && (n.widgets || []).find(x => x.name === 'embedded');
+      return w && typeof w.value === 'string' && w.value.startsWith('safegen-ine:v1:');
+    }, NODE, { timeout: 180000 });
+  } catch (e) { frozen = false; }
+  const after = await page.evaluate(async (NODE) => {
+    const n = (window.app.graph._nodes || window.app.graph.nodes).find(x => x.type === NODE);
+    const widgets = Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]));
+    const wf = window.app.graph.serialize();
+    const prompt = await window.app.graphToPrompt();
+    return { node: String(n.id), widgets, wf, output: prompt.output };
+  }, NODE);
+  const shot = path.join(shotDir, path.basename(file, '.json') + '.png');
+  await page.screenshot({ path: shot });
+  return { file, frozen, extension_loaded: before.extensions.includes('SafeGen.EmbedImplicitNegativeEmbedding'),
+           ...after, screenshot: shot };
+}
+
 (async () => {
   const [mode, url, dir, ...files] = process.argv.slice(2);
   const browser = await chromium.launch({
@@ -204,6 +242,10 @@ async function check(page, file, shotDir) {
         fs.writeFileSync(out + '.tmp', JSON.stringify(wf, null, 1) + '\n');
         fs.renameSync(out + '.tmp', out);
         console.log(JSON.stringify({ file: f, out, nodes: wf.nodes.length, grown }));
+      } else if (mode === 'freeze') {
+        const r = await freeze(page, f, dir);
+        r.page_errors = consoleErrors;
+        console.log(JSON.stringify(r));
       } else {
         const r = await check(page, f, dir);
         r.page_errors = consoleErrors;
