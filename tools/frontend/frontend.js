@@ -234,8 +234,15 @@ async function freeze(page, file, shotDir) {
     fs.mkdirSync(dir, { recursive: true });
     // convert: {workflow name: layout} from tools/frontend.py (env SAFEGEN_LAYOUTS, a JSON file)
     const layouts = process.env.SAFEGEN_LAYOUTS ? JSON.parse(fs.readFileSync(process.env.SAFEGEN_LAYOUTS)) : {};
+    // check: one page for every file (a frontend start-up costs seconds; loadAndVerify checks that each
+    // graph shown is the one loaded); convert and freeze: a fresh page per file
+    let shared = null;
     for (const f of files) {
-      const { page, consoleErrors } = await openApp(browser, url);  // a fresh page per file
+      const opened = mode === 'check' && shared ? shared : await openApp(browser, url);
+      if (mode === 'check') shared = opened;
+      const { page } = opened;
+      const errorsBefore = opened.consoleErrors.length;
+      const pageErrors = () => opened.consoleErrors.slice(errorsBefore);  // this file's
       if (mode === 'convert') {
         const { wf, grown } = await convert(page, f, layouts[path.basename(f, '.json')] || null);
         const out = path.join(dir, path.basename(f));
@@ -244,14 +251,14 @@ async function freeze(page, file, shotDir) {
         console.log(JSON.stringify({ file: f, out, nodes: wf.nodes.length, grown }));
       } else if (mode === 'freeze') {
         const r = await freeze(page, f, dir);
-        r.page_errors = consoleErrors;
+        r.page_errors = pageErrors();
         console.log(JSON.stringify(r));
       } else {
         const r = await check(page, f, dir);
-        r.page_errors = consoleErrors;
+        r.page_errors = pageErrors();
         console.log(JSON.stringify(r));
       }
-      await page.close();
+      if (mode !== 'check') await page.close();
     }
   } finally {
     await browser.close();
