@@ -150,9 +150,11 @@ def training_graph(what: str, ck: str, concept: str, files: dict) -> dict:
 
 
 def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, files: dict,
-              safree_svf: bool = True, batch: int = 1) -> tuple[dict, list]:
+              safree_svf: bool = True, batch: int = 1, size: int = SIZE, steps: int = STEPS,
+              cfg: float = CFG) -> tuple[dict, list]:
     """One prompt per (arm, seed): every text gets its own KSampler -> VAEDecode -> SaveImage
-    (``batch`` images each: ComfyUI draws the noise of a batch from the one seed)."""
+    (``batch`` images each: ComfyUI draws the noise of a batch from the one seed). ``size``/``steps``/
+    ``cfg``: the world's unless given (make demo CHECKPOINT= runs the same arms on a real model)."""
     g = _graph()
     c = g.add("CheckpointLoaderSimple", ckpt_name=ck)
     model, clip = c[0], c[1]
@@ -179,7 +181,7 @@ def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, fi
     if arm == "safetext":
         st_clip = g.add("SafeGen_SafeTextEncoder", clip=c[1], file=files["safetext"], strength=1.0, text="")
         negative = st_clip[1]
-    lat = g.add("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=batch)
+    lat = g.add("EmptyLatentImage", width=size, height=size, batch_size=batch)
     saves = []
     for i, text in enumerate(prompts):
         if arm.startswith("esd+safree"):
@@ -191,7 +193,7 @@ def arm_graph(arm: str, ck: str, prompts: list[str], seed: int, concept: str, fi
         else:
             pos = g.add("CLIPTextEncode", clip=clip, text=text)[0]
         ks = g.add("KSampler", model=model, positive=pos, negative=negative, latent_image=lat[0], seed=seed,
-                   steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0)
+                   steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
         img = g.add("VAEDecode", samples=ks[0], vae=c[2])
         saves.append(g.add("SaveImage", images=img[0], filename_prefix=f"world/{i:03d}"))
     return g, saves
