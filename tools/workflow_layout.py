@@ -203,7 +203,7 @@ LAYOUTS = {
         G("1 · Models + implicit negative embedding", C_MODEL, N_MODELS + "\n\n" + N_INE, 190,
           col(300, "1"), col(300, ("3", {"y": 440}), ("2", {"y": 748}))),
         G("2 · SAFREE", C_SAFETY, N_SAFREE, 190,
-          col(340, ("4", {"y": 120, "h": 300})), col(290, ("5", {"y": 740}), ("10", {"y": 1016, "h": 100}))),
+          col(340, ("4", {"y": 120, "h": 300})), col(290, ("5", {"y": 680}), ("10", {"y": 956, "h": 160}))),
         G("3 · Sample", C_SAMPLE, N_SAMPLE_SAFREE, 190,
           col(240, ("6", {"y": 840})), col(290, ("7", {"y": 400})), col(160, ("8", {"y": 20})),
           col(280, ("9", {"y": 20}))),
