@@ -79,17 +79,7 @@ def sample_caption(rng: np.random.Generator, a: W.Attrs, empty_fraction: float =
 def dataset(n: int, seed: int, start: int = 0, size: int = W.IMAGE_SIZE,
             empty_fraction: float = EMPTY_CAPTION_FRACTION) -> W.Dataset:
     """Images ``start .. start+n-1`` drawn with ``seed`` (image i only depends on (seed, i))."""
-    imgs = np.empty((n, size, size, 3), dtype=np.uint8)
-    col, shp, bgs = (np.empty(n, np.int64) for _ in range(3))
-    caps: list[str] = []
-    for k in range(n):
-        rng = np.random.default_rng([seed, start + k])
-        a = sample_attrs(rng)
-        imgs[k] = W.render(a, size)
-        col[k], shp[k], bgs[k] = (W.COLOUR_NAMES.index(a.colour), W.SHAPES.index(a.shape),
-                                  W.BACKGROUND_NAMES.index(a.background))
-        caps.append(sample_caption(rng, a, empty_fraction))
-    return W.Dataset(imgs, col, shp, bgs, caps)
+    return W.dataset(n, seed, start, size, empty_fraction, attrs_fn=sample_attrs, caption_fn=sample_caption)
 
 
 def vocabulary() -> list[str]:

@@ -206,22 +206,25 @@ class Dataset:
 
 
 def dataset(
-    n: int, seed: int, start: int = 0, size: int = IMAGE_SIZE, empty_fraction: float = EMPTY_CAPTION_FRACTION
+    n: int, seed: int, start: int = 0, size: int = IMAGE_SIZE, empty_fraction: float = EMPTY_CAPTION_FRACTION,
+    attrs_fn=None, caption_fn=None,
 ) -> Dataset:
-    """Images ``start .. start+n-1`` of the world drawn with ``seed`` (image i only depends on (seed, i))."""
+    """Images ``start .. start+n-1`` of the world drawn with ``seed`` (image i only depends on (seed, i)).
+    ``attrs_fn(rng)`` / ``caption_fn(rng, attrs, empty_fraction)``: another grammar's samplers (v2)."""
+    attrs_fn, caption_fn = attrs_fn or sample_attrs, caption_fn or sample_caption
     imgs = np.empty((n, size, size, 3), dtype=np.uint8)
     col, shp, bgs = (np.empty(n, np.int64) for _ in range(3))
     caps: list[str] = []
     for k in range(n):
         rng = np.random.default_rng([seed, start + k])
-        a = sample_attrs(rng)
+        a = attrs_fn(rng)
         imgs[k] = render(a, size)
         col[k], shp[k], bgs[k] = (
             COLOUR_NAMES.index(a.colour),
             SHAPES.index(a.shape),
             BACKGROUND_NAMES.index(a.background),
         )
-        caps.append(sample_caption(rng, a, empty_fraction))
+        caps.append(caption_fn(rng, a, empty_fraction))
     return Dataset(imgs, col, shp, bgs, caps)
 
 
