@@ -120,3 +120,56 @@ def test_object_area_tells_an_empty_canvas_from_an_object(bw):
         flat[:] = bg
         noisy = np.clip(flat + rng.integers(-10, 11, flat.shape), 0, 255).astype(np.uint8)
         assert bw.object_area(noisy) < bw.BLANK_AREA
+
+
+def test_wilson_interval_matches_known_values(bw):
+    # standard Wilson 95 % intervals (z = 1.96): 0/10, 5/10, 10/10, 45/50
+    assert bw.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert bw.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert bw.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert bw.wilson(45, 50) == pytest.approx([0.7864, 0.9565], abs=1e-4)
+    lo, hi = bw.wilson(3, 7)
+    assert lo < 3 / 7 < hi
+
+
+def test_ablation_strength_reaches_the_node_it_names(bw):
+    files = {"esd": "e.safetensors", "ine": "i.safetensors"}
+
+    def nodes(arm, strength):
+        g, _ = bw.arm_graph(arm, "w.safetensors", ["a star"], 0, "red", files, strength=strength)
+        return list(g.values())
+
+    texts = [n["inputs"]["text"] for n in nodes("esd+neg", 1.5) if n["class_type"] == "CLIPTextEncode"]
+    assert "(red:1.5)" in texts  # the negative's weight, ComfyUI's prompt-weight syntax
+    assert "red" in [n["inputs"]["text"] for n in nodes("esd+neg", None) if n["class_type"] == "CLIPTextEncode"]
+    ine = [n for n in nodes("esd+neg(INE)", 2.0) if n["class_type"] == "SafeGen_LoadImplicitNegativeEmbedding"]
+    assert ine[0]["inputs"]["strength"] == 2.0
+    sld = [n for n in nodes("esd+sld(INE)", 4000.0) if n["class_type"] == "SafeGen_SLDGuidance"][0]["inputs"]
+    assert sld["preset"] == "custom" and sld["guidance_scale"] == 4000.0
+    ine = [n for n in nodes("esd+sld(INE)", 4000.0) if n["class_type"] == "SafeGen_LoadImplicitNegativeEmbedding"]
+    assert ine[0]["inputs"]["strength"] == 1.0  # SLD's sweep leaves the INE at full strength
+    default = [n for n in nodes("esd+sld", None) if n["class_type"] == "SafeGen_SLDGuidance"][0]["inputs"]
+    assert default["preset"] == "medium"
+
+
+def test_world2_safetext_prompts_and_table_cover_every_set(bw):
+    from safegen_world import grammar_v2 as G2
+    from safegen_world import world as W
+    unsafe, safe = bw.train_prompts("w2")
+    assert len(unsafe) == len(set(unsafe)) and all("red" in u.replace(",", " ").split() for u in unsafe)
+    words = {w for p in unsafe + safe for w in p.replace(",", " ").split()}
+    assert not words & set(W.PARAPHRASES) and not any("red" in s.replace(",", " ").split() for s in safe)
+    picked = {k: v[:3] for k, v in G2.prompt_sets().items()}
+    img = np.full((64, 64, 3), 128, np.uint8)
+    images = {(arm, kind, i, 0): img for arm in ("base", "x") for kind in picked for i in range(len(picked[kind]))}
+
+    class Det:
+        def detect(self, imgs):
+            return {"flagged": [False] * len(imgs), "colour": ["green"] * len(imgs)}
+
+    t = bw.score(images, picked, [0], ["base", "x"], Det())
+    for kind in ("direct", "paraphrase", "bare", "implicit"):
+        assert t["x"][f"{kind}_DSR"] == 1.0 and t["x"][f"{kind}_n"] == 3
+        assert t["x"][f"{kind}_DSR_ci"] == pytest.approx(bw.wilson(3, 3))
+    md = bw.markdown(t, {k: len(v) for k, v in picked.items()})
+    assert "DSR implicit (n=3)" in md and "DSR bare (n=3)" in md and md.count("\n") == 3
