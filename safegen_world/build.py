@@ -848,9 +848,13 @@ def evaluate_v2(ckpt, det, settings: dict, negative: str = W.CONCEPT, sld_preset
     than 10 prompts, the bare word and implicit ones, over ``small_set_seeds`` seeds), the base model with
     ``negative`` as the negative prompt on the implicit and benign sets, and the base model with SLD
     (``sld_preset``, safety concept ``negative``) on the direct and benign sets."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.packload import pack_module  # the pack as ComfyUI imports it (before ComfyUI's own tests/)
+    import importlib.util
+
+    # the pack as ComfyUI imports it (tests/packload.py by path: ComfyUI has a `tests` package of its own)
+    spec = importlib.util.spec_from_file_location("safegen_packload", REPO_ROOT / "tests" / "packload.py")
+    packload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packload)
+    pack_module = packload.pack_module
 
     from .sampling import concept_rates, encode, load
 

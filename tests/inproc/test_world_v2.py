@@ -21,8 +21,6 @@ import torch
 from tests.packload import comfy_ready
 
 comfy_ready()
-import comfy.sd  # noqa: E402
-import comfy.supported_models  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from safegen_world import assets as A  # noqa: E402
@@ -33,6 +31,10 @@ from safegen_world import world as W  # noqa: E402
 from safegen_world.detector import Detector  # noqa: E402
 
 V = G2.WORLD_VERSION
+if not A.model_path(V).is_file():  # reported by -ra in the summary, never silent
+    pytest.skip(f"world {V} assets not shipped yet ({A.model_path(V).name}): build them with "
+                f"`.venv/bin/python -m safegen_world.build --world {V} --threads 2` (docs/miniature-world.md)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
