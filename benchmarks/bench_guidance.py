@@ -16,8 +16,9 @@ server prompt. Same positive prompt everywhere.
   encoded through ``encode(clip, prompt_with_embedding(""), {"l": vec})``.
 * ``sld``:    ``patch_model_sld(model, safety, medium preset)`` (the SLD Guidance node) with the
   text negative; safety = CLIPTextEncode of SLD's default concept. At the small latent the
-  medium preset runs as is (warm-up 10 of 20 steps: SLD changes the result from step 10 on);
-  at the large latent, with fewer steps, the medium values with warm-up 0. The safety
+  medium preset runs as is (its warm-up is the preset's 10/50 share of the run: 4 of 20 steps, SLD
+  changes the result from step 4 on); at the large latent, with fewer steps, the medium values with
+  warm-up 0. The safety
   prediction is computed on every step either way (the momentum is updated during warm-up).
 * ``safree``: positive = ``safree_filter`` output (SAFREE Prompt Filter, nudity concept list,
   self-validating window resolved on the sampler's sigmas), model = ``patch_model_reattention`` with
@@ -62,6 +63,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.workers import load_note, loadavg  # noqa: E402
+from safegen_core.sld import SLDParams  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "guidance.json"
 TARGET_INE = 1.02   # ine / text per-step time must be <= this
@@ -149,7 +151,7 @@ def worker(arm: str, out_dir: str, threads: int, steps: int, samples: int, large
             res["sld_params_small"] = asdict(medium)
             configs[SMALL] = (gd.patch_model_sld(mp, safety, medium), pos, neg_text)
             if large:
-                p_large = replace(medium, warmup_steps=0) if large_steps <= medium.warmup_steps else medium
+                p_large = replace(medium, warmup_steps=0, warmup_fraction=None)
                 res["sld_params_large"] = asdict(p_large)
                 configs[large] = (gd.patch_model_sld(mp, safety, p_large), pos, neg_text)
         elif arm in ("safree", "safree_fft"):
@@ -386,7 +388,9 @@ def main(argv=None) -> int:
     equal_work_ine = ver["ine"]["rows_per_step"] == ver["text"]["rows_per_step"]
     diffs = {arm: float((finals[arm][0] - finals["text"][0]).abs().max()) for arm in ARMS if arm != "text"}
     repro = {arm: max(float((x - finals[arm][0]).abs().max()) for x in finals[arm]) for arm in ARMS}
-    medium_warmup = runs["sld"][0]["sld_params_small"]["warmup_steps"]
+    # the preset's warm-up is its share of the reference's 50 steps (safegen_core.sld.SLDParams.warmup):
+    # medium 10/50 -> 4 of 20 steps
+    medium_warmup = SLDParams(**runs["sld"][0]["sld_params_small"]).warmup(n)
     changed = sver["sld_changed_steps"]
     sld_active_ok = changed == list(range(medium_warmup, n))
     ok = sld_batched and plain_batched and equal_work_ine and sld_active_ok
