@@ -85,7 +85,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("comfy.model_patcher", "ModelPatcher.clone", (), _TRAIN,
              "force_deepcopy / disable_dynamic when present (0.12+), plain clone before"),
     Internal("comfy.model_management", "current_loaded_models", (), _TRAIN,
-             "entries a fresh copy's temporary loader left behind are removed (orphaned_entries)"),
+             "entries a fresh copy's temporary loader left behind are removed (drop_orphaned_entries)"),
     Internal("comfy.model_management", "LoadedModel.model", (), _TRAIN, "the entry's patcher (None when collected)"),
     # --- LoRA / weight adapters (comfy/lora.py, comfy/weight_adapter/base.py)
     Internal("comfy.lora", "model_lora_keys_unet", ("model",), ("Unlearned UNet Loader",)),
