@@ -188,8 +188,8 @@ class WorldText(torch.nn.Module):
 class Builder:
     def __init__(self, recipe: dict, cache: Path, assets_dir: Path, threads: int = 1):
         self.r = recipe
-        self.v2 = recipe.get("world", "w1") == "w2"
         self.version = recipe.get("world", "w1")
+        self.v2 = self.version == "w2"
         self.cache = cache
         self.assets_dir = assets_dir
         self.threads = threads
@@ -261,6 +261,12 @@ class Builder:
                 "implicit_red_captions_without_colour": float(np.mean([bool(u) for u in unnamed])),
                 "bare_concept_word_captions": len(bare),
             })
+
+    def text_file(self) -> dict:
+        """The text stage's output (loaded once: the unet stage writes the asset every checkpoint)."""
+        if getattr(self, "_text", None) is None:
+            self._text = torch.load(self.path("text.pt"), weights_only=True)
+        return self._text
 
     def captions(self) -> list[str]:
         return [str(c) for c in np.load(self.path("captions.npz"))["captions"]]
@@ -562,7 +568,7 @@ class Builder:
             return
         r = self.r
         lat = torch.load(self.path("latents.pt"), weights_only=True)["x0"]
-        txt = torch.load(self.path("text.pt"), weights_only=True)
+        txt = self.text_file()
         cap = torch.from_numpy(self.data()["tr_cap"])
         unet = self._new_unet()
         # w1: fixed encodings of the captions; w2: the world CLIP's rows train with the UNet (one module)
@@ -678,7 +684,7 @@ class Builder:
         """The trained modules as the unet stage holds them: the UNet and (w2) the world CLIP's rows."""
         net = torch.nn.ModuleDict({"unet": self._new_unet()})
         if self.v2:
-            net["text"] = WorldText.from_text_file(torch.load(self.path("text.pt"), weights_only=True))
+            net["text"] = WorldText.from_text_file(self.text_file())
         return net
 
     def _write_model(self, net) -> Path:
@@ -695,7 +701,7 @@ class Builder:
         clip = "tools/tiny_models.py sd1 v1 seed 0 (regenerated)"
         if self.v2:
             text = net["text"]
-            sd[A.WORLD_CLIP_IDS] = torch.load(self.path("text.pt"), weights_only=True)["vocab"].contiguous()
+            sd[A.WORLD_CLIP_IDS] = self.text_file()["vocab"].contiguous()
             sd[A.WORLD_CLIP_ROWS] = text.rows.detach().to(torch.float16).contiguous()
             sd[A.FINAL_LN + "weight"] = text.ln.weight.detach().to(torch.float16).contiguous()
             sd[A.FINAL_LN + "bias"] = text.ln.bias.detach().to(torch.float16).contiguous()
@@ -757,7 +763,7 @@ class Builder:
         _comfy()
         import comfy.sd
 
-        txt = torch.load(self.path("text.pt"), weights_only=True)
+        txt = self.text_file()
         ck = A.ensure_checkpoint(unet_vae_path=asset, version=self.version)
         _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
             str(ck), output_vae=False, output_clip=True, output_model=False, embedding_directory=[])
